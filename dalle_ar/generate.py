@@ -1,0 +1,151 @@
+"""Reranked batch generation: `dalle-ar generate`.
+
+Reads prompts (one a line), samples N candidates per prompt, keeps the k best by CLIP score, and
+writes into OUT:
+
+    images/<line>_<rank>.png   the kept images
+    prompts.jsonl              one row per kept image: image, prompt, score, rank, seed, line
+    grid.png                   contact sheet, one row per prompt (the first `grid_rows` prompts)
+
+A folder that was partly written resumes: prompts already in prompts.jsonl are not redone.
+Memory stays bounded: one prompt at a time (its candidates in batches), images go to disk at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+from PIL import Image
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+
+def read_prompts(path) -> tuple[list[tuple[int, str]], list[str]]:
+    """(line number, prompt) for each usable line, and messages for bad lines (kept going past)."""
+    prompts, problems = [], []
+    lines = Path(path).read_bytes().split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()  # the newline that ends the last line
+    for n, line in enumerate(lines, start=1):
+        try:
+            text = line.decode("utf-8").strip()
+        except UnicodeDecodeError as e:
+            problems.append(f"{path}:{n}: not UTF-8 ({e.reason}); skipped")
+            continue
+        if not text:
+            problems.append(f"{path}:{n}: empty prompt; skipped")
+            continue
+        prompts.append((n, text))
+    return prompts, problems
+
+
+def _done_lines(jsonl: Path) -> set[int]:
+    done = set()
+    if jsonl.is_file():
+        for row in jsonl.read_text().splitlines():
+            try:
+                done.add(int(json.loads(row)["line"]))
+            except (ValueError, KeyError, TypeError):
+                continue  # a row cut by a crash: that prompt is redone
+    return done
+
+
+def generate_to_folder(pipe, prompts_file, out, *, candidates: int = 16, keep: int = 1, seed: int = 0,
+                       batch_size: int = 16, grid_rows: int = 64,
+                       temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
+                       guidance_scale: float = 1.0, progress: bool = True) -> dict:
+    """Generate for every prompt of `prompts_file` into `out`; returns a summary dict."""
+    if keep > candidates:
+        raise ValueError(f"keep={keep} > candidates={candidates}")
+    prompts, problems = read_prompts(prompts_file)
+    for p in problems:
+        log.warning(p)
+    if not prompts:
+        raise ValueError(f"prompts file {prompts_file}: no usable prompt")
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    jsonl = out / "prompts.jsonl"
+    done = _done_lines(jsonl)
+    todo = [(n, p) for n, p in prompts if n not in done]
+    bar = tqdm(total=len(todo), desc="prompts", unit="prompt", disable=not progress)
+    with open(jsonl, "a") as f:
+        for n, p in todo:
+            # The seed of a prompt is tied to its line, so a resumed run gives the same images.
+            (res,) = pipe([p], num_candidates=candidates, keep=keep, seed=seed + n, batch_size=batch_size,
+                          temperature=temperature, top_k=top_k, top_p=top_p,
+                          guidance_scale=guidance_scale, progress=False)
+            rows = []
+            for img, score, rank in zip(res.images, res.scores, res.ranks):
+                rel = f"images/{n:06d}_{rank}.png"
+                tmp = out / (rel + ".tmp")
+                img.save(tmp, format="PNG")
+                os.replace(tmp, out / rel)
+                rows.append({"image": rel, "prompt": p, "score": float(score), "rank": rank,
+                             "seed": res.seed, "line": n})
+            # One write per prompt, after its images exist: a crash never leaves a row without a file.
+            f.write("".join(json.dumps(r) + "\n" for r in rows))
+            f.flush()
+            bar.update(1)
+    bar.close()
+    grid = write_grid(out, keep=keep, max_rows=grid_rows)
+    return {"out": str(out), "prompts": len(prompts), "generated": len(todo), "resumed": len(prompts) - len(todo),
+            "bad_lines": problems, "grid": str(grid), "jsonl": str(jsonl)}
+
+
+def write_grid(out: Path, keep: int, max_rows: int = 64) -> Path:
+    from .pipeline import image_grid
+
+    rows: dict[int, list] = {}
+    for row in (out / "prompts.jsonl").read_text().splitlines():
+        try:
+            r = json.loads(row)
+        except ValueError:
+            continue
+        if r["line"] in rows or len(rows) < max_rows:
+            rows.setdefault(r["line"], []).append((r["rank"], r["image"]))
+    sheet = image_grid([[Image.open(out / p) for _, p in sorted(v)] for _, v in sorted(rows.items())])
+    sheet.save(out / "grid.png")
+    return out / "grid.png"
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("generate", help="reranked batch generation from a prompts file",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="pipeline directory (from `dalle-ar demo` or save_pretrained)")
+    p.add_argument("--prompts", required=True, help="text file, one prompt a line")
+    p.add_argument("--out", required=True, help="output folder (resumed if partly written)")
+    p.add_argument("--candidates", type=int, default=16, help="images sampled per prompt (N)")
+    p.add_argument("--keep", type=int, default=1, help="best images kept per prompt (k)")
+    p.add_argument("--batch-size", type=int, default=16, help="candidates sampled at once")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="classifier-free guidance (1 = off); default: the model's recommended value")
+    p.add_argument("--clip", default=None, help="a local CLIP directory to rerank with instead of the model's")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    import torch
+
+    from .pipeline import TextToImagePipeline
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = TextToImagePipeline.from_pretrained(args.model, device=device, clip=args.clip)
+    guidance = args.guidance_scale
+    if guidance is None:
+        guidance = float(getattr(pipe.dalle.config, "guidance_scale", 1.0) or 1.0)
+    summary = generate_to_folder(pipe, args.prompts, args.out, candidates=args.candidates, keep=args.keep,
+                                 seed=args.seed, batch_size=args.batch_size, temperature=args.temperature,
+                                 top_k=args.top_k, top_p=args.top_p, guidance_scale=guidance)
+    print(json.dumps(summary, indent=2))
+    print(f"grid: {summary['grid']}\nprompts.jsonl: {summary['jsonl']}")
+    return 0

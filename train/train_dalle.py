@@ -1,0 +1,8 @@
+"""Train the dalle stage; runs under `deepspeed`, `torchrun` or plain `python` (see dalle_ar.train.cli)."""
+
+import sys
+
+from dalle_ar.train.cli import entry_main
+
+if __name__ == "__main__":
+    sys.exit(entry_main("dalle"))
