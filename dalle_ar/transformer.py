@@ -1,0 +1,175 @@
+"""The decoder-only transformer of the prior: pre-norm blocks, DALL-E's attention masks, a KV cache.
+
+The stream is `[text (text_len) ; image (grid*grid)]`, fed without its last image token, so a
+model sees at most `max_len = text_len + grid*grid - 1` positions. Every layer has one mask type
+(DALL-E, Ramesh et al. 2021, appendix B.1 and figure 11). In all of them text attends causally
+to earlier text and every image token attends to all of the text; they differ in which earlier
+image tokens an image token (index i = row * grid + col, raster order) may see:
+
+    full    every earlier image token (dense causal attention)
+    row     the previous `grid` image tokens and itself: its row so far plus the end of the row
+            above (the Sparse Transformer's local head with stride `grid`, DALL-E figure 11a)
+    column  the earlier tokens of its own column (the strided head, figure 11b)
+    conv    the earlier tokens within a k x k window centred on it (figure 11d; 11 x 11 in the paper)
+
+Each mask is built once per layer type at construction, as a [max_len, max_len] boolean
+non-persistent buffer (True = may attend). Training slices nothing (or uses `is_causal` for
+`full`); cached decoding at position t uses row t of the same buffer over the cached keys 0..t.
+
+One `KVCache` holds the keys and values of every layer in a single tensor
+[layers, 2, B, heads, max_len, head_dim], allocated once at the first write and written in place.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+ATTN_TYPES = ("full", "row", "column", "conv")
+
+
+def build_mask(kind: str, text_len: int, grid: int, conv_kernel: int = 11) -> torch.Tensor:
+    """BoolTensor [max_len, max_len]: entry [q, k] is True where position q may attend to key k."""
+    if kind not in ATTN_TYPES:
+        raise ValueError(f"attention type must be one of {ATTN_TYPES}, got {kind!r}")
+    n = text_len + grid * grid - 1
+    pos = torch.arange(n)
+    q, k = pos[:, None], pos[None, :]
+    causal = k <= q
+    # Image indices (raster order) of queries and keys; negative for text positions.
+    qi, ki = q - text_len, k - text_len
+    key_is_text = ki < 0
+    if kind == "full":
+        image_ok = torch.ones(n, n, dtype=torch.bool)
+    elif kind == "row":
+        image_ok = qi - ki <= grid
+    elif kind == "column":
+        image_ok = (qi - ki) % grid == 0
+    else:
+        r = conv_kernel // 2
+        dr = qi.div(grid, rounding_mode="floor") - ki.div(grid, rounding_mode="floor")
+        dc = qi.remainder(grid) - ki.remainder(grid)
+        image_ok = (dr.abs() <= r) & (dc.abs() <= r)
+    # Text queries only ever see (earlier) text keys, through `causal`.
+    return causal & (key_is_text | image_ok)
+
+
+class KVCache:
+    """Keys and values of every layer, one tensor [layers, 2, B, heads, max_len, head_dim].
+
+    Allocated at the first write (so it takes the dtype the layers produce, bf16 under autocast
+    included) and never grown: `update` copies the new entries in place at [start, start + n)
+    and returns views of the keys and values 0 .. start + n.
+    """
+
+    def __init__(self, layers: int, max_len: int):
+        self.layers, self.max_len = layers, max_len
+        self.kv: Optional[torch.Tensor] = None
+
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
+        end = start + k.shape[2]
+        if self.kv is None:
+            b, h, _, d = k.shape
+            self.kv = k.new_empty(self.layers, 2, b, h, self.max_len, d)
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; asked to write up to {end}")
+        kv = self.kv[layer]
+        kv[0, :, :, start:end] = k
+        kv[1, :, :, start:end] = v
+        return kv[0, :, :, :end], kv[1, :, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.resid_drop = nn.Dropout(dropout)
+
+    def forward(self, x, attn_mask=None, is_causal=False, cache: Optional[KVCache] = None, layer=0, start=0):
+        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
+        if cache is not None:
+            k, v = cache.update(layer, start, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.resid_drop(self.proj(rearrange(y, "b h n d -> b n (h d)")))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, ff_mult: int = 4, dropout: float = 0.0):
+        super().__init__()
+        self.fc = nn.Linear(dim, ff_mult * dim)
+        self.act = nn.GELU()
+        self.proj = nn.Linear(ff_mult * dim, dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.drop(self.proj(self.act(self.fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, dim: int, heads: int, ff_mult: int = 4, dropout: float = 0.0):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads, dropout)
+        self.ln2 = nn.LayerNorm(dim)
+        self.mlp = MLP(dim, ff_mult, dropout)
+
+    def forward(self, x, attn_mask=None, is_causal=False, cache=None, layer=0, start=0):
+        x = x + self.attn(self.ln1(x), attn_mask, is_causal, cache, layer, start)
+        return x + self.mlp(self.ln2(x))
+
+
+class Transformer(nn.Module):
+    """A stack of blocks over the [text ; image] stream, with a final LayerNorm.
+
+    `attn_types` is cycled over the layers (("row", "column") on 4 layers: row, column, row, column).
+    """
+
+    def __init__(self, dim: int, depth: int, heads: int, *, text_len: int, grid: int,
+                 attn_types: Sequence[str] = ("full",), conv_kernel: int = 11, ff_mult: int = 4,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.kinds = [attn_types[i % len(attn_types)] for i in range(depth)]
+        self.max_len = text_len + grid * grid - 1
+        for kind in dict.fromkeys(self.kinds):
+            # Non-persistent: rebuilt from the config, never saved, moved by .to(device).
+            self.register_buffer(f"mask_{kind}", build_mask(kind, text_len, grid, conv_kernel), persistent=False)
+        self.blocks = nn.ModuleList(Block(dim, heads, ff_mult, dropout) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+
+    def new_cache(self) -> KVCache:
+        return KVCache(len(self.blocks), self.max_len)
+
+    def _attn_args(self, kind: str, start: int, n: int):
+        """(attn_mask, is_causal) for n queries at positions start.. over keys 0 .. start + n."""
+        if kind == "full":
+            if start == 0:
+                return None, True  # as many queries as keys: plain causal, the fused fast path
+            if n == 1:
+                return None, False  # one new query sees every cached key
+        mask = getattr(self, f"mask_{kind}")
+        return mask[start:start + n, :start + n], False
+
+    def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None, start: int = 0) -> torch.Tensor:
+        """x [B, n, dim] at positions start .. start + n - 1 -> normed hidden states [B, n, dim].
+
+        Without a cache, start must be 0 (the whole prefix is in x). With one, the keys and values
+        of positions 0 .. start - 1 come from it and those of x are written into it.
+        """
+        n = x.shape[1]
+        if cache is None and start != 0:
+            raise ValueError("start > 0 needs a cache holding the earlier positions")
+        if start + n > self.max_len:
+            raise ValueError(f"positions {start}..{start + n - 1} exceed max_len={self.max_len}")
+        for i, (block, kind) in enumerate(zip(self.blocks, self.kinds)):
+            attn_mask, is_causal = self._attn_args(kind, start, n)
+            x = block(x, attn_mask, is_causal, cache, i, start)
+        return self.norm(x)

@@ -1,0 +1,261 @@
+"""The shared DeepSpeed loop on CPU (gloo): ZeRO 0/2/3, two processes, kill -9 / SIGTERM + resume,
+non-finite losses, interrupted checkpoints, overrides and exports. Real engines, real files."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dalle_ar import engine
+from dalle_ar.engine import TrainConfig, apply_overrides, export_checkpoint, latest_checkpoint, lr_at, train
+from engine_toy import ToyData, ToyLoss, ToyMLP, make_model
+
+TOY = Path(__file__).with_name("engine_toy.py")
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
+
+
+def toy_cfg(**kw):
+    base = dict(steps=20, batch_size=16, lr=1e-2, min_lr=1e-3, warmup=2, save_every=5, keep_last=2, log_every=5,
+                progress=False, tensorboard=False)
+    return TrainConfig(**{**base, **kw})
+
+
+def run_toy(out, loss_fn=None, resume=False, **kw):
+    model, loss_fn = make_model(), loss_fn or ToyLoss()
+    summary = train(model, loss_fn, ToyData(16), toy_cfg(**kw), out, resume=resume)
+    return summary, model, loss_fn
+
+
+def weights(directory):
+    return load_file(str(Path(directory) / "model.safetensors"))
+
+
+def assert_same(a: dict, b: dict, exact=True):
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].dtype == torch.float32, k
+        if exact:
+            assert torch.equal(a[k], b[k].to(a[k].dtype)), k
+        else:
+            torch.testing.assert_close(a[k], b[k].to(a[k].dtype), rtol=1e-5, atol=1e-6)
+
+
+# ---- in-process runs ------------------------------------------------------------------------------
+
+def test_zero_0_2_3_train_and_export(tmp_path):
+    results = {}
+    for zero in (0, 2, 3):
+        summary, model, _ = run_toy(tmp_path / f"z{zero}", zero_stage=zero, steps=24)
+        assert summary["steps"] == 24 and summary["zero_stage"] == zero and not summary["interrupted"]
+        assert summary["final_loss"] < 0.6 * summary["first_loss"], summary
+        exported = weights(summary["export_dir"])
+        # the export equals the trained module (ZeRO-3: gathered back into it) ...
+        assert_same(exported, model.state_dict())
+        # ... and what the checkpoint holds (ZeRO-2/3 through zero_to_fp32), via a fresh model
+        again = export_checkpoint(tmp_path / f"z{zero}", make_model(seed=5), tmp_path / f"again{zero}")
+        assert_same(weights(again), exported)
+        assert_same(ToyMLP.from_pretrained(again).state_dict(), exported)
+        results[zero] = exported
+    # the three stages are the same optimisation
+    assert_same(results[2], results[0], exact=False)
+    assert_same(results[3], results[0], exact=False)
+
+
+def reference_run(steps, cfg, data, nan_ids=(), grad_accum=1):
+    """The loop by hand in plain torch: AdamW groups, warm-up + cosine, clipping, dropped micro-batches."""
+    model = make_model()
+    groups = engine.param_groups(model, cfg.weight_decay)
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    it = (b for e in range(100) for b in data(e))
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        for _ in range(grad_accum):
+            b = next(it)
+            if int(b["id"][0]) not in nan_ids:
+                (model(b["x"], b["y"])[0] / grad_accum).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad()
+    return model.state_dict()
+
+
+def test_grad_accum_with_a_nan_micro_batch_matches_plain_torch(tmp_path):
+    loss_fn = ToyLoss(nan_ids={3})  # step 1 has micro-batches 2 and 3: only 3 is dropped
+    summary, model, _ = run_toy(tmp_path / "run", loss_fn, zero_stage=2, steps=6, grad_accum=2, grad_clip=0.5)
+    assert summary["nonfinite"] == 1 and summary["skipped_steps"] == 0 and summary["steps"] == 6
+    assert loss_fn.ids == list(range(7)) + [1000, 1001, 1002, 1003, 1004]
+    cfg = toy_cfg(steps=6, grad_accum=2, grad_clip=0.5)
+    assert_same(reference_run(6, cfg, ToyData(16), nan_ids={3}, grad_accum=2), model.state_dict(), exact=False)
+
+
+def test_nan_steps_are_skipped_and_counted(tmp_path):
+    summary, model, loss_fn = run_toy(tmp_path / "nan", ToyLoss(nan_steps={3, 5}), zero_stage=0, steps=10)
+    assert summary["steps"] == 10 and summary["nonfinite"] == 2 and summary["skipped_steps"] == 2
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values())
+    assert math.isfinite(summary["final_loss"])
+    with pytest.raises(RuntimeError, match="3 consecutive non-finite losses"):
+        run_toy(tmp_path / "nan3", ToyLoss(nan_steps={2, 3, 4, 5}), zero_stage=3, steps=10, max_nonfinite=3)
+
+
+def test_interrupted_checkpoint_is_not_latest(tmp_path):
+    run = tmp_path / "run"
+    run_toy(run, zero_stage=2, steps=6, save_every=3)
+    ckpt = run / "checkpoints"
+    # a write killed half-way: files but no marker, and DeepSpeed's `latest` already pointing at it
+    (ckpt / "step00000009").mkdir()
+    (ckpt / "step00000009" / "mp_rank_00_model_states.pt").write_bytes(b"truncated")
+    (ckpt / "latest").write_text("step00000009")
+    assert latest_checkpoint(ckpt) == "step00000006"
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        run_toy(run, zero_stage=2, steps=9)  # a fresh run must not mix with an old one
+    summary, _, loss_fn = run_toy(run, resume=True, zero_stage=2, steps=9, save_every=3)
+    assert summary["start_step"] == 6 and summary["steps"] == 9
+    assert loss_fn.ids == [6, 1000, 1001]  # 6 batches done: epoch 0 (7 batches) resumes at its 7th
+    assert latest_checkpoint(ckpt) == "step00000009" and (ckpt / "step00000009" / "complete").is_file()
+    assert sorted(p.name for p in ckpt.glob("step*")) == ["step00000006", "step00000009"]  # keep_last=2
+    fresh, _, _ = run_toy(tmp_path / "empty", resume=True, steps=2)  # nothing to resume: starts fresh
+    assert fresh["start_step"] == 0 and fresh["steps"] == 2
+
+
+# ---- overrides and the DeepSpeed config -----------------------------------------------------------
+
+def test_apply_overrides_coerces_and_rejects_unknown_keys():
+    cfg = apply_overrides(TrainConfig(), ["lr=1", "steps=50", "betas=[0.9, 0.95]", "precision=bf16", "progress=false"])
+    assert cfg.lr == 1.0 and isinstance(cfg.lr, float) and cfg.steps == 50 and cfg.betas == (0.9, 0.95)
+    assert cfg.precision == "bf16" and cfg.progress is False
+    for bad, word in (("nope=1", "'nope'"), ("steps=abc", "'steps'"), ("progress=2", "'progress'"),
+                      ("lr", "key=value"), ("precision=fp8", "precision"), ("steps=2.5", "'steps'")):
+        with pytest.raises(ValueError, match=word):
+            apply_overrides(TrainConfig(), [bad])
+    ds = {"zero_optimization": {"stage": 0}, "gradient_clipping": 1.0}
+    assert apply_overrides(ds, ["zero_optimization.stage=3"])["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["stage"] == 0  # input untouched
+    with pytest.raises(ValueError, match="zero_optimization.stagee"):
+        apply_overrides(ds, ["zero_optimization.stagee=3"])
+    loaded = engine.load_ds_config(ds, ["zero_optimization.overlap_comm=true"])  # DeepSpeed keys may be added
+    assert loaded["zero_optimization"] == {"stage": 0, "overlap_comm": True}
+
+
+def test_ds_config_follows_train_config():
+    cfg, ds = engine.resolve_ds_config(TrainConfig(batch_size=4, grad_accum=2, grad_clip=1.0, precision="bf16"))
+    assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 2
+    assert ds["gradient_clipping"] == 1.0 and ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
+    assert ds["zero_optimization"]["stage"] == 0 and ds["managed_gradient_accumulation"] is False
+    # the packaged ZeRO-3 file alone selects ZeRO-3 ...
+    cfg, ds = engine.resolve_ds_config(TrainConfig(), engine.load_ds_config(engine.CONFIG_DIR / "zero3.json"))
+    assert cfg.zero_stage == 3 and ds["zero_optimization"]["stage"] == 3 and ds["fp16"]["enabled"] is False
+    # ... but two explicit, different choices are an error naming both
+    with pytest.raises(ValueError, match=r"zero_optimization.stage=3 but train.zero_stage=2"):
+        engine.resolve_ds_config(TrainConfig(zero_stage=2), {"zero_optimization": {"stage": 3}})
+    with pytest.raises(ValueError, match="precision"):
+        engine.resolve_ds_config(TrainConfig(precision="fp16"), {"bf16": {"enabled": True}})
+    with pytest.raises(ValueError, match="scheduler"):
+        engine.resolve_ds_config(TrainConfig(), {"scheduler": {"type": "WarmupLR"}})
+
+
+# ---- subprocesses: launcher, kill -9, SIGTERM -----------------------------------------------------
+
+@pytest.fixture(scope="session")
+def toy_env(tmp_path_factory):
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+    env["TORCH_EXTENSIONS_DIR"] = str(tmp_path_factory.getbasetemp() / "torch_extensions")
+    env["PYTHONWARNINGS"] = "ignore"
+    return env
+
+
+def toy_cmd(out, *args):
+    return [sys.executable, str(TOY), "--out", str(out), *map(str, args)]
+
+
+def toy_log(out, name="run", rank=0):
+    return json.loads((Path(out) / f"toy_{name}_rank{rank}.json").read_text())
+
+
+def run_ok(cmd, env, timeout=120):
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+RESUME_ARGS = ("--steps", 12, "--save-every", 3, "--zero", 2)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, toy_env):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    run_ok(toy_cmd(out, *RESUME_ARGS), toy_env)
+    return out
+
+
+def start_and_wait_for_checkpoint(out, env):
+    proc = subprocess.Popen(toy_cmd(out, *RESUME_ARGS, "--sleep", 0.4), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 90
+    while latest_checkpoint(out / "checkpoints") is None:
+        assert proc.poll() is None, "training ended before its first checkpoint"
+        assert time.time() < deadline, "no checkpoint in 90 s"
+        time.sleep(0.1)
+    return proc
+
+
+def check_resumed(out, uninterrupted):
+    ref = toy_log(uninterrupted)
+    resumed = toy_log(out, "resumed")
+    start = resumed["summary"]["start_step"]
+    assert 0 < start < 12 and resumed["summary"]["steps"] == ref["summary"]["steps"] == 12
+    assert resumed["steps"] == list(range(start, 12))  # the step counter continues
+    assert resumed["ids"] == ref["ids"][start:]      # and so does the data, batch for batch
+    assert_same(weights(out / "export"), weights(uninterrupted / "export"))  # bitwise: a deterministic toy
+
+
+def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path, toy_env, uninterrupted):
+    out = tmp_path / "killed"
+    proc = start_and_wait_for_checkpoint(out, toy_env)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not (out / "export").exists()
+    run_ok(toy_cmd(out, *RESUME_ARGS, "--resume", "--name", "resumed"), toy_env)
+    check_resumed(out, uninterrupted)
+
+
+def test_sigterm_checkpoints_and_exits_0_then_resumes(tmp_path, toy_env, uninterrupted):
+    out = tmp_path / "terminated"
+    proc = start_and_wait_for_checkpoint(out, toy_env)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    log = toy_log(out)
+    stopped = log["summary"]["steps"]
+    assert log["summary"]["interrupted"] is True and log["summary"]["export_dir"] is None and stopped < 12
+    assert latest_checkpoint(out / "checkpoints") == f"step{stopped:08d}"  # checkpoint of the last step done
+    run_ok(toy_cmd(out, *RESUME_ARGS, "--resume", "--name", "resumed"), toy_env)
+    assert toy_log(out, "resumed")["summary"]["start_step"] == stopped
+    check_resumed(out, uninterrupted)
+
+
+def test_two_processes_through_the_deepspeed_launcher(tmp_path, toy_env):
+    out = tmp_path / "two"
+    launcher = Path(sys.executable).with_name("deepspeed")
+    cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(engine._free_port()), str(TOY),
+           "--out", str(out), "--steps", "8", "--save-every", "4", "--zero", "2"]
+    run_ok(cmd, toy_env, timeout=180)
+    logs = [toy_log(out, rank=r) for r in (0, 1)]
+    for r, log in enumerate(logs):
+        assert log["rank"] == r and log["world"] == 2 and log["steps"] == list(range(8))
+        assert log["summary"]["steps"] == 8 and log["summary"]["world_size"] == 2
+    assert logs[0]["summary"]["samples_seen"] == 8 * 2 * 16
+    ckpt = out / "checkpoints" / "step00000008"
+    assert (ckpt / "complete").is_file() and (ckpt / "rank1.json").is_file()
+    assert len(list(ckpt.glob("zero_pp_rank_*_optim_states.pt"))) == 2  # optimizer state split over 2 ranks
+    exported = weights(out / "export")
+    # the export reloads to the same weights, equal to the consolidated ZeRO-2 checkpoint
+    assert_same(ToyMLP.from_pretrained(out / "export").state_dict(), exported)
+    assert_same(weights(export_checkpoint(out, make_model(seed=3), tmp_path / "again")), exported)
