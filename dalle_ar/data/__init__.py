@@ -1,0 +1,25 @@
+"""The data stage: WebDataset shards in, batches out; shard writers; the built-in sets.
+
+    expand_shards, write_samples, write_folder, write_csv, iter_raw_samples   (dalle_ar.data.shards)
+    ShardLoader, preprocess_image                                             (dalle_ar.data.loader)
+    shapes.generate_shapes, digits.generate_digits                            (built-in sets)
+
+Names are imported on first use, so `dalle-ar --help` does not pay for torch.
+"""
+
+import importlib
+
+_EXPORTS = {
+    "expand_shards": "shards", "write_samples": "shards", "write_folder": "shards", "write_csv": "shards",
+    "iter_raw_samples": "shards", "ShardLoader": "loader", "preprocess_image": "loader",
+}
+
+__all__ = sorted(_EXPORTS) + ["shapes", "digits"]
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    if name in ("shapes", "digits", "shards", "loader", "cli"):
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
