@@ -26,7 +26,8 @@ The contract for stage authors:
   holds the `complete` marker), `tb/` (TensorBoard), `export/` (config.json + model.safetensors, fp32).
 
 Non-finite losses are caught before backward on every rank alike: the micro-batch is dropped (with
-grad_accum=1 the step is skipped) and counted; `max_nonfinite` in a row raise RuntimeError.
+grad_accum=1 the step is skipped) and counted; `max_nonfinite` in a row raise RuntimeError. Under fp16,
+DeepSpeed's dynamic loss scaling skips steps whose gradients overflow; those count as skipped_steps.
 SIGTERM/SIGINT finish the current step, checkpoint and return with summary["interrupted"] = True.
 """
 
@@ -49,15 +50,29 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
+from torch._utils import _unflatten_dense_tensors
 
 from dalle_ar.io import atomic_path, write_json
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "train" / "configs"
+
+
+def _config_dir() -> Path:
+    """train/configs: beside the package in a source checkout, inside it (dalle_ar/train) once installed."""
+    here = Path(__file__).resolve().parent
+    for d in (here / "train" / "configs", here.parent / "train" / "configs"):
+        if d.is_dir():
+            return d
+    return here / "train" / "configs"
+
+
+CONFIG_DIR = _config_dir()
 TAG_RE = re.compile(r"^step(\d{8})$")
 COMPLETE = "complete"            # marker file inside a tag dir, written last
 STATE_FILE = "trainer_state.json"
+FP32_FILE = "fp32_weights.safetensors"  # ZeRO-0 bf16/fp16 only: the fp32 master weights
 PRECISIONS = ("fp32", "bf16", "fp16")
-SCHEDULES = ("cosine", "constant")
+SCHEDULES = ("cosine", "halving", "constant")
 
 
 @dataclass
@@ -69,9 +84,10 @@ class TrainConfig:
     batch_size: int = 8               # micro-batch per process (train_micro_batch_size_per_gpu)
     grad_accum: int = 1               # micro-batches per optimizer step (gradient_accumulation_steps)
     lr: float = 3e-4                  # peak learning rate
-    min_lr: float = 3e-5              # cosine floor
+    min_lr: float = 3e-5              # floor of the cosine and halving schedules
     warmup: int = 100                 # linear warm-up steps from 0
-    schedule: str = "cosine"          # cosine | constant (after warm-up)
+    schedule: str = "cosine"          # after warm-up: cosine to min_lr | halving | constant
+    halve_every: int = 0              # halving: halve the LR every N steps after warm-up (paper-style)
     weight_decay: float = 4.5e-2      # paper; applied to weight matrices only
     betas: tuple = (0.9, 0.96)        # paper
     eps: float = 1e-8
@@ -94,7 +110,7 @@ class TrainConfig:
 
         for name in ("steps", "batch_size", "grad_accum", "keep_last", "log_every", "max_nonfinite"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "an integer >= 1")
-        for name in ("warmup", "save_every", "seed"):
+        for name in ("warmup", "save_every", "seed", "halve_every"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 0, name, "an integer >= 0")
         need(self.lr > 0, "lr", "> 0")
         need(0 <= self.min_lr <= self.lr, "min_lr", "in [0, lr]")
@@ -105,14 +121,19 @@ class TrainConfig:
         need(self.schedule in SCHEDULES, "schedule", f"one of {SCHEDULES}")
         need(self.precision in PRECISIONS, "precision", f"one of {PRECISIONS}")
         need(self.zero_stage in (0, 1, 2, 3), "zero_stage", "0, 1, 2 or 3")
+        need(self.schedule != "halving" or self.halve_every > 0, "halve_every", "> 0 with schedule='halving'")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up from 0 to cfg.lr, then cosine down to cfg.min_lr at cfg.steps (or constant)."""
+    """Linear warm-up from 0 to cfg.lr, then cosine down to cfg.min_lr at cfg.steps, or halved every
+    cfg.halve_every steps down to cfg.min_lr (the paper halves on plateaus; a fixed period resumes
+    exactly), or constant."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     if cfg.schedule == "constant":
         return cfg.lr
+    if cfg.schedule == "halving":
+        return max(cfg.min_lr, cfg.lr * 0.5 ** ((step - cfg.warmup) // cfg.halve_every))
     t = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t))
 
@@ -273,7 +294,9 @@ def resolve_ds_config(cfg: TrainConfig, user_ds: Optional[dict] = None) -> tuple
             print(f"[engine] TrainConfig follows the DeepSpeed config: {changes}", flush=True)
 
     template = CONFIG_DIR / f"zero{cfg.zero_stage}.json"
-    ds = _deep_merge(json.loads(template.read_text()) if template.is_file() else {}, user)
+    if not template.is_file():
+        raise FileNotFoundError(f"packaged DeepSpeed config {template} is missing (a broken install?)")
+    ds = _deep_merge(json.loads(template.read_text()), user)
     for field, key in _OWNED.items():
         _set(ds, key, getattr(cfg, field))
     _set(ds, "bf16.enabled", cfg.precision == "bf16")
@@ -289,6 +312,8 @@ def resolve_ds_config(cfg: TrainConfig, user_ds: Optional[dict] = None) -> tuple
         for k, v in (("lr", cfg.lr), ("betas", list(cfg.betas)), ("eps", cfg.eps), ("weight_decay", cfg.weight_decay)):
             if params.get(k, "auto") == "auto":
                 params[k] = v
+        if str(ds["optimizer"].get("type", "")).lower() in ("adam", "adamw") and not torch.cuda.is_available():
+            params.setdefault("torch_adam", True)  # FusedAdam would JIT-compile for ~80 s on CPU
     return cfg, ds
 
 
@@ -335,6 +360,8 @@ def init_distributed() -> None:
     warnings.filterwarnings("ignore", r"`torch\.distributed\.\w+` is deprecated", FutureWarning)
 
     cpu = get_accelerator().device_name() == "cpu"
+    if not cpu and torch.cuda.is_available():  # before any collective: rank k's NCCL traffic on GPU k, not GPU 0
+        torch.cuda.set_device(int(env.get("LOCAL_RANK", "0")))
     if cpu and env.get("DALLE_AR_SHM_COMM", "0") != "1":
         # DeepSpeed JIT-compiles a shared-memory all-reduce (~50 s) at every init on CPU; only inference
         # tensor-parallelism uses it. Marking it incompatible skips the build; gloo does the training comms.
@@ -346,11 +373,16 @@ def _world() -> tuple[int, int]:
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
+def _small_tensor(values: list, dtype) -> torch.Tensor:
+    """A tensor for a control collective: NCCL reduces only CUDA tensors (on the rank's own GPU)."""
+    return torch.tensor(values, dtype=dtype, device="cuda" if torch.distributed.get_backend() == "nccl" else "cpu")
+
+
 def _all_true(flag: bool, world: int) -> bool:
     """True only if `flag` is True on every rank (every rank gets the same answer)."""
     if world == 1:
         return flag
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    t = _small_tensor([1 if flag else 0], torch.int32)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
     return bool(t.item())
 
@@ -509,6 +541,8 @@ def _save_export(model, state_dict: dict, out_dir) -> Path:
 def _state_dict_from_checkpoint(ckpt_dir: Path, tag: str) -> dict:
     """fp32 weights of one checkpoint tag, whatever the ZeRO stage that wrote it."""
     tag_dir = ckpt_dir / tag
+    if (tag_dir / FP32_FILE).is_file():
+        return load_file(str(tag_dir / FP32_FILE))
     state = json.loads((tag_dir / STATE_FILE).read_text()) if (tag_dir / STATE_FILE).is_file() else {}
     if state.get("cfg", {}).get("zero_stage", 1) == 0 or not list(tag_dir.glob("*optim_states.pt")):
         # ZeRO-0: the module's weights are in the model-states file (weights_only: no pickle code).
@@ -543,7 +577,20 @@ def _full_state_dict(engine, cfg: TrainConfig, ckpt: Path, tag: Optional[str], r
         return _state_dict_from_checkpoint(ckpt, tag) if rank == 0 else None
     if cfg.zero_stage == 3:
         return engine._zero3_consolidated_16bit_state_dict()  # gathers layer by layer onto rank 0
-    return engine.module.state_dict() if rank == 0 else None
+    return _zero0_state_dict(engine, cfg) if rank == 0 else None
+
+
+def _zero0_state_dict(engine, cfg: TrainConfig) -> dict:
+    """The module's weights under ZeRO-0; with bf16/fp16 the module is 16-bit and the fp32 master copies
+    live in DeepSpeed's FP16 optimizer, so those replace the parameters."""
+    sd = engine.module.state_dict()
+    if cfg.precision != "fp32":
+        opt = engine.optimizer
+        masters = getattr(opt, "fp32_groups", None) or [  # FP16_UnfusedOptimizer, else the fused one
+            _unflatten_dense_tensors(flat, group) for flat, group in zip(opt.fp32_groups_flat, opt.fp16_groups)]
+        fp32 = {id(p): m for group, ms in zip(opt.fp16_groups, masters) for p, m in zip(group, ms)}
+        sd.update({name: fp32[id(p)] for name, p in engine.module.named_parameters() if id(p) in fp32})
+    return sd
 
 
 # ---- logging -------------------------------------------------------------------------------------
@@ -569,7 +616,7 @@ def _mean_over_ranks(values: dict, world: int) -> dict:
     if world == 1 or not values:
         return values
     keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    t = _small_tensor([values[k] for k in keys], torch.float64)
     torch.distributed.all_reduce(t)
     return dict(zip(keys, (t / world).tolist()))
 
@@ -630,7 +677,7 @@ def train(model: torch.nn.Module, loss_fn, make_batches, cfg: TrainConfig, out_d
 
     # ---- state: fresh or resumed
     st = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "samples_seen": 0, "nonfinite": 0, "skipped_steps": 0}
-    last_tag = None
+    last_tag = rng = None
     if resume:
         last_tag = latest_checkpoint(ckpt)
         if last_tag is None:
@@ -645,7 +692,7 @@ def train(model: torch.nn.Module, loss_fn, make_batches, cfg: TrainConfig, out_d
             if rank_file.is_file():  # this rank's RNG and data position
                 mine = json.loads(rank_file.read_text())
                 st.update(epoch=mine["epoch"], batch_in_epoch=mine["batch_in_epoch"])
-                _set_rng_state(mine["rng"])
+                rng = mine["rng"]  # restored after the data replay below, which may draw random numbers
             if rank == 0:
                 print(f"[engine] resumed from {ckpt / last_tag}: step {st['step']}, epoch {st['epoch']}, "
                       f"batch {st['batch_in_epoch']}", flush=True)
@@ -677,6 +724,9 @@ def train(model: torch.nn.Module, loss_fn, make_batches, cfg: TrainConfig, out_d
         engine.save_checkpoint(str(ckpt), tag=tag, client_state=client, save_latest=True)
         write_json(ckpt / tag / f"rank{rank}.json",
                    {"epoch": st["epoch"], "batch_in_epoch": st["batch_in_epoch"], "rng": _rng_state()})
+        if rank == 0 and cfg.zero_stage == 0 and cfg.precision != "fp32":  # DeepSpeed saves the module in 16 bits
+            save_file({k: v.detach().float().contiguous() for k, v in _zero0_state_dict(engine, cfg).items()},
+                      str(ckpt / tag / FP32_FILE))
         _barrier(world)  # every rank's shards are on disk before the marker
         if rank == 0:
             write_json(ckpt / tag / STATE_FILE, client)
@@ -695,10 +745,12 @@ def train(model: torch.nn.Module, loss_fn, make_batches, cfg: TrainConfig, out_d
 
     stop = _StopFlag()
     first_loss = final_loss = grad_norm = None
-    window = {"t": time.time(), "samples": 0, "steps": 0, "parts": {}}
+    window = {"t": time.time(), "samples": 0, "steps": 0, "parts": {}, "t0": time.time(), "step0": st["step"]}
     start_step, consecutive, interrupted, ok = st["step"], 0, False, False
     try:
         batches = _Batches(make_batches, st["epoch"], st["batch_in_epoch"]) if st["step"] < cfg.steps else None
+        if rng is not None:
+            _set_rng_state(rng)
         engine.train()
         for step in range(st["step"], cfg.steps):
             lr = lr_at(step, cfg)
@@ -732,7 +784,7 @@ def train(model: torch.nn.Module, loss_fn, make_batches, cfg: TrainConfig, out_d
                 engine.step()
                 norm = engine.get_global_grad_norm()
                 grad_norm = float(norm) if norm is not None else own_norm
-            else:
+            if not used or not engine.was_step_applied():  # all dropped, or an fp16 overflow
                 st["skipped_steps"] += 1
             st.update(step=step + 1, epoch=batches.epoch, batch_in_epoch=batches.batch_in_epoch)
             st["samples_seen"] += cfg.grad_accum * world * n
@@ -748,7 +800,7 @@ def train(model: torch.nn.Module, loss_fn, make_batches, cfg: TrainConfig, out_d
             if bar:
                 bar.update(1)
             if st["step"] % cfg.log_every == 0 or st["step"] == cfg.steps:
-                _log(cfg, st, window, hooks, writer, bar, say, world, lr, grad_norm)
+                _log(cfg, st, window, hooks, writer, bar, say, world, lr, grad_norm, engine)
             stopping = not _all_true(not stop.stop, world)
             if stopping or (cfg.save_every and st["step"] % cfg.save_every == 0) or st["step"] == cfg.steps:
                 save_checkpoint()
@@ -796,32 +848,38 @@ def _zero0_grad_norm(engine, cfg) -> Optional[float]:
     return float(torch.nn.utils.get_total_norm(grads)) if grads else None
 
 
-def _log(cfg, st, window, hooks, writer, bar, say, world, lr, norm):
-    """One log line (and TensorBoard scalars) for the steps since the last one. Collective: all ranks."""
+def _log(cfg, st, window, hooks, writer, bar, say, world, lr, norm, engine):
+    """TensorBoard scalars and the tqdm postfix (or, without a bar, one log line) for the steps since the
+    last call. Collective: all ranks."""
     steps = max(window["steps"], 1)
     parts = _mean_over_ranks({k: v / steps for k, v in window["parts"].items()}, world)
     skipped = _sum_dicts(fn(), world) if (fn := _hook(hooks, "skipped_counts")) else {}
-    elapsed = time.time() - window["t"]
-    rate = window["samples"] / max(elapsed, 1e-9)
+    rate = window["samples"] / max(time.time() - window["t"], 1e-9)
+    scale = getattr(engine.optimizer, "loss_scale", None) if cfg.precision == "fp16" else None
     if writer:
-        step = st["step"]
-        for k, v in parts.items():
-            writer.add_scalar(f"train/{k}", v, step)
-        writer.add_scalar("train/lr", lr, step)
-        writer.add_scalar("train/samples_per_s", rate, step)
-        writer.add_scalar("train/nonfinite", st["nonfinite"], step)
+        scalars = {**{f"train/{k}": v for k, v in parts.items()}, "train/lr": lr, "train/samples_per_s": rate,
+                   "train/nonfinite": st["nonfinite"], "train/skipped_steps": st["skipped_steps"],
+                   **{f"data/skipped/{k}": v for k, v in skipped.items()}}
         if norm is not None and math.isfinite(norm):
-            writer.add_scalar("train/grad_norm", norm, step)
-        for k, v in skipped.items():
-            writer.add_scalar(f"data/skipped/{k}", v, step)
+            scalars["train/grad_norm"] = norm
+        if scale is not None:
+            scalars["train/loss_scale"] = float(scale)
+        for tag, v in scalars.items():
+            writer.add_scalar(tag, v, st["step"])
+    window.update(t=time.time(), samples=0, steps=0, parts={})
     if bar:
         bar.set_postfix(loss=f"{parts.get('loss', float('nan')):.4f}", samples_s=f"{rate:.1f}")
+        return
+    per_step = (time.time() - window["t0"]) / max(st["step"] - window["step0"], 1)
+    eta = int(per_step * (cfg.steps - st["step"]))
     text = " ".join(f"{k} {v:.4f}" for k, v in parts.items())
     extra = f" grad_norm {norm:.3f}" if norm is not None else ""
+    extra += f" loss_scale {scale:g}" if scale is not None else ""
     extra += f" nonfinite {st['nonfinite']}" if st["nonfinite"] else ""
+    extra += f" skipped_steps {st['skipped_steps']}" if st["skipped_steps"] else ""
     extra += f" skipped {skipped}" if any(skipped.values()) else ""
-    say(f"[engine] step {st['step']}/{cfg.steps} {text} lr {lr:.3g}{extra} {rate:.1f} samples/s epoch {st['epoch']}")
-    window.update(t=time.time(), samples=0, steps=0, parts={})
+    say(f"[engine] step {st['step']}/{cfg.steps} {text} lr {lr:.3g}{extra} {rate:.1f} samples/s "
+        f"epoch {st['epoch']} eta {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}")
 
 
 def _release(engine, cfg) -> None:

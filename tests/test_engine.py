@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from dalle_ar import engine
 from dalle_ar.engine import TrainConfig, apply_overrides, export_checkpoint, latest_checkpoint, lr_at, train
+import engine_toy
 from engine_toy import ToyData, ToyLoss, ToyMLP, make_model
 
 TOY = Path(__file__).with_name("engine_toy.py")
@@ -126,6 +127,58 @@ def test_interrupted_checkpoint_is_not_latest(tmp_path):
     assert fresh["start_step"] == 0 and fresh["steps"] == 2
 
 
+def test_lr_schedules():
+    cos = toy_cfg(steps=100, warmup=10, lr=1.0, min_lr=0.1)
+    lrs = [lr_at(s, cos) for s in range(100)]
+    assert lrs[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])  # linear warm-up to the peak
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lr_at(100, cos) == pytest.approx(0.1)
+    assert lr_at(55, cos) == pytest.approx(0.55)  # half-way through the cosine: mid-point of lr and min_lr
+    halving = toy_cfg(steps=100, warmup=10, lr=1.0, min_lr=0.2, schedule="halving", halve_every=20)
+    assert [lr_at(s, halving) for s in (10, 29, 30, 49, 50, 90)] == [1.0, 1.0, 0.5, 0.5, 0.25, 0.2]
+    assert lr_at(50, toy_cfg(warmup=10, schedule="constant", lr=0.3)) == 0.3
+    with pytest.raises(ValueError, match="halve_every"):
+        toy_cfg(schedule="halving")
+
+
+def test_tensorboard_log_lines_hooks_and_keep_last(tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    seen = []
+
+    def on_checkpoint(step, model, writer):
+        assert not model.training and not torch.is_grad_enabled()
+        seen.append(step)
+        writer.add_image("toy/grid", torch.rand(3, 4, 4), step)
+
+    hooks = {"on_checkpoint": on_checkpoint, "skipped_counts": lambda: {"bad_image": 2}}
+    out, cfg = tmp_path / "tb_run", toy_cfg(steps=6, save_every=2, keep_last=2, log_every=3, tensorboard=True)
+    summary = train(make_model(), ToyLoss(), ToyData(16), cfg, out, hooks=hooks)
+    assert seen == [2, 4, 6] and summary["skipped_samples"] == {"bad_image": 2}
+    assert sorted(p.name for p in (out / "checkpoints").glob("step*")) == ["step00000004", "step00000006"]
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("[engine] step ")]
+    assert [l.split()[2] for l in lines] == ["3/6", "6/6"]  # stdout is no terminal: one line per log_every
+    assert all(" loss " in l and " lr " in l and "samples/s" in l and " eta " in l for l in lines)
+    events = EventAccumulator(str(out / "tb")).Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/mse", "train/lr", "train/grad_norm", "train/samples_per_s", "train/nonfinite",
+            "train/skipped_steps", "data/skipped/bad_image"} <= tags
+    assert [e.step for e in events.Scalars("train/loss")] == [3, 6]
+    assert [e.value for e in events.Scalars("train/lr")] == pytest.approx([lr_at(2, cfg), lr_at(5, cfg)])
+    assert [e.step for e in events.Images("toy/grid")] == [2, 4, 6]
+
+
+def test_bf16_trains_and_exports_the_fp32_master_weights(tmp_path):
+    for zero in (0, 2):
+        summary, model, _ = run_toy(tmp_path / f"z{zero}", zero_stage=zero, steps=6, precision="bf16", save_every=0)
+        assert summary["precision"] == "bf16" and summary["final_loss"] < summary["first_loss"]
+        assert all(v.dtype == torch.bfloat16 for v in model.state_dict().values())  # the module trained in bf16
+        exported = weights(summary["export_dir"])
+        assert any(not torch.equal(v, v.bfloat16().float()) for v in exported.values())  # fp32, not bf16 copies
+        torch.testing.assert_close({k: v.bfloat16() for k, v in exported.items()}, model.state_dict())
+        assert_same(weights(export_checkpoint(tmp_path / f"z{zero}", make_model(), tmp_path / f"again{zero}")),
+                    exported)
+
+
 # ---- overrides and the DeepSpeed config -----------------------------------------------------------
 
 def test_apply_overrides_coerces_and_rejects_unknown_keys():
@@ -190,9 +243,9 @@ RESUME_ARGS = ("--steps", 12, "--save-every", 3, "--zero", 2)
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, toy_env):
+def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("uninterrupted")
-    run_ok(toy_cmd(out, *RESUME_ARGS), toy_env)
+    engine_toy.main(["--out", str(out), *map(str, RESUME_ARGS)])  # in this process: one interpreter start less
     return out
 
 
@@ -241,6 +294,7 @@ def test_sigterm_checkpoints_and_exits_0_then_resumes(tmp_path, toy_env, uninter
     check_resumed(out, uninterrupted)
 
 
+@pytest.mark.slow  # ~40 s: two fresh interpreters importing DeepSpeed
 def test_two_processes_through_the_deepspeed_launcher(tmp_path, toy_env):
     out = tmp_path / "two"
     launcher = Path(sys.executable).with_name("deepspeed")
