@@ -29,19 +29,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module, fn in COMMANDS:
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if not e.name or not e.name.startswith("dalle_ar"):
-                raise
-            continue  # an area that is not there yet
-        getattr(mod, fn)(sub)
+        getattr(importlib.import_module(module), fn)(sub)
     return parser
+
+
+def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """parse_args, except that `key=value` overrides may also come after options (argparse alone
+    stops collecting a positional list at the first option)."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(x.startswith("-") or "=" not in x for x in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
+    return args
 
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     try:
         rc = args.func(args)
     except (ValueError, FileNotFoundError) as e:

@@ -59,7 +59,9 @@ def entry_main(stage: str, argv=None) -> int:
     """main() of train/train_<stage>.py: the train command for one stage, under any launcher."""
     p = argparse.ArgumentParser(prog=f"train_{stage}.py", description=f"Train the {stage} stage.")
     add_train_arguments(p)
-    args = p.parse_args(argv)
+    from dalle_ar.cli import parse_args
+
+    args = parse_args(p, argv)
     args.stage = stage
     return _train(args)
 

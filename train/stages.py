@@ -61,66 +61,42 @@ def _model_config_cls(stage: str):
     raise ValueError(f"stage must be one of dvae, dalle, clip; got {stage!r}")
 
 
-def _coerce(text: str, current):
-    """Parse an override value as JSON where it can be, else keep the string."""
-    try:
-        value = json.loads(text)
-    except ValueError:
-        value = text
-    if isinstance(current, bool) and isinstance(value, str):
-        raise ValueError(f"expected true/false, got {text!r}")
-    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if isinstance(current, tuple) and isinstance(value, list):
-        value = tuple(value)
-    return value
-
-
-def apply_overrides(sections: dict[str, dict], overrides: list[str], defaults: dict[str, dict]) -> None:
-    """Apply `section.key=value` / `key=value` overrides in place (see module docstring)."""
+def route_overrides(overrides, sections: dict[str, set]) -> dict[str, list[str]]:
+    """Sort `key=value` overrides by section: `section.key`, `ds.<dotted key>`, or a bare `key`
+    that exactly one section has. Returns {section: ["key=value", ...]} (ds keys keep their dots)."""
+    routed: dict[str, list[str]] = {name: [] for name in (*sections, "ds")}
     for item in overrides:
-        if "=" not in item:
+        if not isinstance(item, str) or "=" not in item:
             raise ValueError(f"override {item!r} is not key=value")
         key, text = item.split("=", 1)
-        if key.startswith("ds."):
-            sec, path = "ds", key[3:].split(".")
-        elif "." in key and key.split(".", 1)[0] in defaults:
-            sec, rest = key.split(".", 1)
-            path = [rest]
+        head, _, rest = key.partition(".")
+        if head == "ds" and rest:
+            routed["ds"].append(f"{rest}={text}")
+        elif head in sections and rest:
+            routed[head].append(f"{rest}={text}")
         else:
-            owners = [s for s in defaults if s != "ds" and key in defaults[s]]
+            owners = [name for name, fields in sections.items() if key in fields]
             if len(owners) != 1:
                 raise ValueError(f"override {key!r}: " + ("unknown key" if not owners else
                                  f"ambiguous, name the section: {[o + '.' + key for o in owners]}"))
-            sec, path = owners[0], [key]
-        if sec != "ds" and path[0] not in defaults[sec]:
-            raise ValueError(f"override {key!r}: unknown key; {sec} has {sorted(defaults[sec])}")
-        target = sections.setdefault(sec, {})
-        for p in path[:-1]:
-            target = target.setdefault(p, {})
-        current = target.get(path[-1], defaults.get(sec, {}).get(path[-1]) if sec != "ds" else None)
-        try:
-            target[path[-1]] = _coerce(text, current)
-        except ValueError as e:
-            raise ValueError(f"override {key!r}: {e}") from None
+            routed[owners[0]].append(item)
+    return routed
 
 
 def load_stage_config(stage: str, config_file=None, overrides=()):
-    """-> (model config, TrainConfig, DataConfig, DeepSpeed overrides dict)."""
-    from dalle_ar.engine import TrainConfig
+    """-> (model config, TrainConfig, DataConfig, DeepSpeed overrides as a list of `key=value`)."""
+    from dalle_ar.engine import TrainConfig, apply_overrides
 
-    model_cls = _model_config_cls(stage)
+    classes = {"model": _model_config_cls(stage), "train": TrainConfig, "data": DataConfig}
     raw = json.loads(Path(config_file).read_text()) if config_file else {}
-    unknown = set(raw) - {"model", "train", "data"}
+    unknown = set(raw) - set(classes)
     if unknown:
         raise ValueError(f"config {config_file}: unknown section(s) {sorted(unknown)}; use model/train/data")
-    defaults = {name: {f.name: f.default for f in dataclasses.fields(cls)}
-                for name, cls in (("model", model_cls), ("train", TrainConfig), ("data", DataConfig))}
-    defaults["ds"] = {}
-    sections = {k: dict(raw.get(k, {})) for k in ("model", "train", "data")}
-    apply_overrides(sections, list(overrides), defaults)
-    return (config_from_dict(model_cls, sections["model"]), config_from_dict(TrainConfig, sections["train"]),
-            config_from_dict(DataConfig, sections["data"]), sections.get("ds", {}))
+    routed = route_overrides(list(overrides), {name: {f.name for f in dataclasses.fields(cls)}
+                                               for name, cls in classes.items()})
+    configs = [apply_overrides(config_from_dict(cls, raw.get(name, {})), routed[name])
+               for name, cls in classes.items()]
+    return (*configs, routed["ds"])
 
 
 # ---- helpers shared by the stages -------------------------------------------------------------
@@ -143,15 +119,23 @@ def shards_have_codes(shards) -> bool:
     return False
 
 
-def save_grid(images: torch.Tensor, nrow: int, path: Path, writer=None, tag: str = "", step: int = 0):
-    """Save float [B,3,H,W] images as one PNG grid (and to TensorBoard when a writer is given)."""
+def save_grid(images: torch.Tensor, nrow: int, path: Path, writer=None, tag: str = "", step: int = 0,
+              captions=None):
+    """Save float [B,3,H,W] images as one PNG grid (and to TensorBoard when a writer is given), on rank 0
+    only; `captions` go to a .txt beside it, one per row."""
+    from dalle_ar.engine import is_rank0
     from dalle_ar.pipeline import image_grid, to_pil
+
+    if not is_rank0():
+        return None
 
     pil = to_pil(images)
     rows = [pil[i:i + nrow] for i in range(0, len(pil), nrow)]
     sheet = image_grid(rows)
     path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path)
+    if captions is not None:
+        path.with_suffix(".txt").write_text("\n".join(captions) + "\n")
     if writer is not None:
         import numpy as np
         writer.add_image(tag, np.asarray(sheet), step, dataformats="HWC")
@@ -197,11 +181,22 @@ class Stage:
     def skipped_counts(self) -> dict:
         return dict(self.loader.skipped) if self.loader is not None else {}
 
-    def fixed_batch(self, n: int):
-        """The first n samples of the validation shards (train shards if none), for sample grids."""
-        loader = self.make_loader(self.val_shards or self.train_shards, training=False, batch_size=n,
-                                  num_workers=0, drop_last=False)
-        return next(iter(loader))
+    def fixed_batch(self, n: int) -> dict:
+        """The first n samples of the validation shards (train shards if none), for sample grids.
+
+        Read without rank splitting, so every rank holds the same batch (ZeRO-3 hooks run on all ranks).
+        """
+        from dalle_ar.data import iter_raw_samples
+        from dalle_ar.data.loader import preprocess_image
+
+        images, captions = [], []
+        for sample in iter_raw_samples(self.val_shards or self.train_shards):
+            if sample["image"] is not None:
+                images.append(preprocess_image(sample["image"], self.data.image_size))
+            captions.append(sample["captions"][0])
+            if len(captions) == n:
+                break
+        return {"image": torch.stack(images) if images else None, "caption": captions}
 
     def finish_export(self, export_dir: Path) -> None:
         """Anything besides config.json + model.safetensors that the export needs."""
@@ -325,8 +320,8 @@ class DALLEStage(Stage):
         codes = model.generate(text.repeat_interleave(4, 0), generator=g)
         self.dvae.to(dev)
         images = self.dvae.decode(codes).float().cpu()
-        save_grid(images, 4, self.out / "samples" / f"step{step:08d}.png", writer, "dalle/samples", step)
-        (self.out / "samples" / "prompts.txt").write_text("\n".join(prompts) + "\n")
+        save_grid(images, 4, self.out / "samples" / f"step{step:08d}.png", writer, "dalle/samples", step,
+                  captions=prompts)
 
     @torch.no_grad()
     def evaluate(self, model):
@@ -336,11 +331,11 @@ class DALLEStage(Stage):
         dev = next(model.parameters()).device
         tot = {"loss_text": 0.0, "loss_image": 0.0}
         n = 0
-        for batch in self.make_loader(self.val_shards, training=False, num_workers=0):
+        loader = self.make_loader(self.val_shards, training=False, num_workers=0,
+                                  decode_images=not shards_have_codes(self.val_shards))
+        for batch in loader:
             text = batch["text"].to(dev)
-            codes = batch["codes"].to(dev) if "codes" in batch else None
-            if codes is None:
-                codes = self.batch_codes({"image": batch["image"].to(dev)}, dev)
+            codes = batch["codes"].to(dev) if "codes" in batch else self.batch_codes({"image": batch["image"].to(dev)}, dev)
             _, parts = model(text, codes)
             for k in tot:
                 tot[k] += float(parts[k]) * text.shape[0]
@@ -410,6 +405,7 @@ def run_stage(stage: str, train_shards, out, *, val_shards=None, config_file=Non
     model_cfg, train_cfg, data_cfg, ds_over = load_stage_config(stage, config_file, overrides)
     out = Path(out)
     st = STAGES[stage](model_cfg, train_cfg, data_cfg, train_shards, val_shards, out)
+    engine.seed_everything(train_cfg.seed)  # initial weights follow train.seed
     model = st.build_model()
     out.mkdir(parents=True, exist_ok=True)
     if engine.is_rank0():

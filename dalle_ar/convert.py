@@ -1,0 +1,118 @@
+"""`dalle-ar convert openai-dvae`: OpenAI's released dVAE (encoder.pkl + decoder.pkl) -> a dVAE directory.
+
+    dalle-ar convert openai-dvae --encoder encoder.pkl --decoder decoder.pkl --out openai-dvae/
+
+OpenAI ship whole pickled modules of their `dall_e` package, so reading them needs that package
+(`pip install attrs requests && pip install DALL-E --no-deps`). They are read with
+torch.load(weights_only=True) and an allow-list of the classes they are made of (no code from the
+file runs), mapped onto DiscreteVAE's names (`blocks.*` -> `encoder.blocks.*` / `decoder.blocks.*`)
+and written as config.json + model.safetensors. After this one-time step the pickles are never needed again.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+OPENAI_IMAGE_SIZE = 256  # the released model was trained on 256 x 256 images (32 x 32 codes)
+INSTALL_HINT = ("reading OpenAI's pickles needs their `dall_e` package: pip install attrs requests && "
+                "pip install DALL-E --no-deps  (pure Python; --no-deps keeps it from replacing torch)")
+
+
+def _infer(enc_sd: dict, dec_sd: dict, image_size: int):
+    """DVAEConfig fields from the tensor shapes of OpenAI-layout state dicts."""
+    for name, sd, key in (("encoder", enc_sd, "blocks.input.w"), ("encoder", enc_sd, "blocks.output.conv.w"),
+                          ("decoder", dec_sd, "blocks.input.w"), ("decoder", dec_sd, "blocks.output.conv.w")):
+        if key not in sd:
+            raise ValueError(f"{name} state dict has no {key!r}: not OpenAI's dall_e layout "
+                             f"(keys start with {sorted(sd)[:3]})")
+    groups = sorted({int(m.group(1)) for k in enc_sd if (m := re.match(r"blocks\.group_(\d+)\.", k))})
+    blocks = {int(m.group(1)) for k in enc_sd if (m := re.match(r"blocks\.group_1\.block_(\d+)\.", k))}
+    if not groups or groups != list(range(1, len(groups) + 1)) or not blocks:
+        raise ValueError(f"encoder state dict: groups {groups}, blocks {sorted(blocks)}: not OpenAI's dall_e layout")
+    enc_in, enc_out = enc_sd["blocks.input.w"], enc_sd["blocks.output.conv.w"]
+    dec_in, dec_out = dec_sd["blocks.input.w"], dec_sd["blocks.output.conv.w"]
+    if dec_in.shape[1] != enc_out.shape[0]:
+        raise ValueError(f"encoder vocabulary {enc_out.shape[0]} != decoder vocabulary {dec_in.shape[1]}")
+    if dec_out.shape[0] != 2 * enc_in.shape[1]:
+        raise ValueError(f"decoder outputs {dec_out.shape[0]} channels; the logit-Laplace decoder of a "
+                         f"{enc_in.shape[1]}-channel encoder has {2 * enc_in.shape[1]}")
+    return dict(image_size=image_size, input_channels=int(enc_in.shape[1]), n_hid=int(enc_in.shape[0]),
+                group_count=len(groups), n_blk_per_group=len(blocks), vocab_size=int(enc_out.shape[0]),
+                n_init=int(dec_in.shape[0]), loss="logit_laplace", logit_laplace_eps=0.1)
+
+
+def convert_openai_state_dicts(enc_sd: dict, dec_sd: dict, image_size: int = OPENAI_IMAGE_SIZE):
+    """OpenAI `dall_e` Encoder/Decoder state dicts -> (DVAEConfig, DiscreteVAE state dict, fp32).
+
+    Pure: the config comes from the tensor shapes (image_size, which weights do not fix, is an
+    argument); the mapped dict is checked key by key and shape by shape against the model it
+    describes, so anything else is a ValueError naming the problem.
+    """
+    from .dvae import DiscreteVAE, DVAEConfig, _check_state_dict
+
+    config = DVAEConfig(**_infer(enc_sd, dec_sd, image_size))
+    sd = {f"{part}.{k}": v.detach().to("cpu", torch.float32).contiguous()
+          for part, src in (("encoder", enc_sd), ("decoder", dec_sd)) for k, v in src.items()}
+    with torch.device("meta"):  # shapes only: no memory for the 8192-vocab model's weights
+        expected = DiscreteVAE(config).state_dict()
+    _check_state_dict(sd, expected, "OpenAI state dicts")
+    return config, sd
+
+
+def load_openai_pickle(path) -> dict:
+    """The state dict of one of OpenAI's pickled dall_e modules (encoder.pkl / decoder.pkl)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+    try:
+        import dall_e.decoder
+        import dall_e.encoder
+        import dall_e.utils
+    except ImportError as e:
+        raise ValueError(f"{INSTALL_HINT} ({e})") from None
+    import collections
+
+    import torch.nn as nn
+
+    # Exactly what the released modules are made of; weights_only refuses anything else.
+    allowed = [dall_e.encoder.Encoder, dall_e.encoder.EncoderBlock, dall_e.decoder.Decoder,
+               dall_e.decoder.DecoderBlock, dall_e.utils.Conv2d, nn.Sequential, nn.ReLU, nn.MaxPool2d,
+               nn.Upsample, nn.Identity, collections.OrderedDict, torch.device, set]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            module = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001  (unpickling errors come in many types)
+        raise ValueError(f"{path}: not a dall_e module pickle torch can read safely: {str(e)[:500]}") from None
+    if not isinstance(module, nn.Module):
+        raise ValueError(f"{path}: expected a pickled dall_e Encoder or Decoder, got {type(module).__name__}")
+    return module.state_dict()
+
+
+def convert_openai_dvae(encoder, decoder, out, image_size: int = OPENAI_IMAGE_SIZE) -> Path:
+    """encoder.pkl + decoder.pkl -> `out`/config.json + model.safetensors (loadable by DiscreteVAE.from_pretrained)."""
+    from . import io
+
+    config, sd = convert_openai_state_dicts(load_openai_pickle(encoder), load_openai_pickle(decoder), image_size)
+    return io.save_pretrained(out, config, sd)
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("convert", help="convert third-party weights into dalle-ar directories")
+    sub = p.add_subparsers(dest="source", metavar="SOURCE", required=True)
+    o = sub.add_parser("openai-dvae", help="OpenAI's released dVAE (dall_e encoder.pkl + decoder.pkl)",
+                       description=__doc__.split("\n\n")[0] + " " + INSTALL_HINT)
+    o.add_argument("--encoder", required=True, help="OpenAI's encoder.pkl")
+    o.add_argument("--decoder", required=True, help="OpenAI's decoder.pkl")
+    o.add_argument("--out", required=True, help="output directory (config.json + model.safetensors)")
+    o.add_argument("--image-size", type=int, default=OPENAI_IMAGE_SIZE,
+                   help=f"image size the dVAE expects (default {OPENAI_IMAGE_SIZE}, as trained by OpenAI)")
+    o.set_defaults(func=_run_openai_dvae)
+
+
+def _run_openai_dvae(args) -> int:
+    out = convert_openai_dvae(args.encoder, args.decoder, args.out, image_size=args.image_size)
+    print(f"wrote {out}")
+    return 0
