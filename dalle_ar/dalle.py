@@ -90,8 +90,10 @@ def _check_tokens(name: str, t, shape: tuple, high: int) -> torch.Tensor:
     if t.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape)):
         want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
         raise ValueError(f"{name} must have shape {want}, got {list(t.shape)}")
-    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= high):
-        raise ValueError(f"{name} holds ids outside [0, {high}): min {int(t.min())}, max {int(t.max())}")
+    if t.numel():
+        lo, hi = torch.stack(torch.aminmax(t)).tolist()  # one host sync (a GPU step stalls on each)
+        if lo < 0 or hi >= high:
+            raise ValueError(f"{name} holds ids outside [0, {high}): min {lo}, max {hi}")
     return t.long()
 
 

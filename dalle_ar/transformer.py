@@ -14,10 +14,13 @@ image tokens an image token (index i = row * grid + col, raster order) may see:
 
 Each mask is built once per layer type at construction, as a [max_len, max_len] boolean
 non-persistent buffer (True = may attend). Training slices nothing (or uses `is_causal` for
-`full`); cached decoding at position t uses row t of the same buffer over the cached keys 0..t.
+`full`); a cached decoding step at position t uses row t of the same buffer.
 
 One `KVCache` holds the keys and values of every layer in a single tensor
 [layers, 2, B, heads, max_len, head_dim], allocated once at the first write and written in place.
+A decoding step attends over all max_len cached slots (the mask row hides those after t), so
+every step has the same shapes: attention backends that plan per shape (cuDNN on recent GPUs
+spends tens of ms on each new one) plan once, not once per token.
 """
 
 from __future__ import annotations
@@ -63,24 +66,26 @@ class KVCache:
 
     Allocated at the first write (so it takes the dtype the layers produce, bf16 under autocast
     included) and never grown: `update` copies the new entries in place at [start, start + n)
-    and returns views of the keys and values 0 .. start + n.
+    and returns views of the keys and values 0 .. `keys` (default start + n). Zero-filled, so
+    masked slots not written yet hold no NaN that a zero attention weight would still spread.
     """
 
     def __init__(self, layers: int, max_len: int):
         self.layers, self.max_len = layers, max_len
         self.kv: Optional[torch.Tensor] = None
 
-    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor, keys: Optional[int] = None):
         end = start + k.shape[2]
         if self.kv is None:
             b, h, _, d = k.shape
-            self.kv = k.new_empty(self.layers, 2, b, h, self.max_len, d)
+            self.kv = k.new_zeros(self.layers, 2, b, h, self.max_len, d)
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; asked to write up to {end}")
         kv = self.kv[layer]
         kv[0, :, :, start:end] = k
         kv[1, :, :, start:end] = v
-        return kv[0, :, :, :end], kv[1, :, :, :end]
+        keys = end if keys is None else keys
+        return kv[0, :, :, :keys], kv[1, :, :, :keys]
 
 
 class Attention(nn.Module):
@@ -93,8 +98,8 @@ class Attention(nn.Module):
 
     def forward(self, x, attn_mask=None, is_causal=False, cache: Optional[KVCache] = None, layer=0, start=0):
         q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
-        if cache is not None:
-            k, v = cache.update(layer, start, k, v)
+        if cache is not None:  # the mask's width says how many cached keys to attend over
+            k, v = cache.update(layer, start, k, v, None if attn_mask is None else attn_mask.shape[-1])
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.resid_drop(self.proj(rearrange(y, "b h n d -> b n (h d)")))
@@ -139,7 +144,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.kinds = [attn_types[i % len(attn_types)] for i in range(depth)]
         self.max_len = text_len + grid * grid - 1
-        for kind in dict.fromkeys(self.kinds):
+        for kind in dict.fromkeys(self.kinds):  # `full` too: decoding steps read its rows
             # Non-persistent: rebuilt from the config, never saved, moved by .to(device).
             self.register_buffer(f"mask_{kind}", build_mask(kind, text_len, grid, conv_kernel), persistent=False)
         self.blocks = nn.ModuleList(Block(dim, heads, ff_mult, dropout) for _ in range(depth))
@@ -148,14 +153,13 @@ class Transformer(nn.Module):
     def new_cache(self) -> KVCache:
         return KVCache(len(self.blocks), self.max_len)
 
-    def _attn_args(self, kind: str, start: int, n: int):
-        """(attn_mask, is_causal) for n queries at positions start.. over keys 0 .. start + n."""
-        if kind == "full":
-            if start == 0:
-                return None, True  # as many queries as keys: plain causal, the fused fast path
-            if n == 1:
-                return None, False  # one new query sees every cached key
+    def _attn_args(self, kind: str, start: int, n: int, cached: bool):
+        """(attn_mask, is_causal) for n queries at positions start .. start + n - 1."""
+        if kind == "full" and start == 0:
+            return None, True  # as many queries as keys: plain causal, the fused fast path
         mask = getattr(self, f"mask_{kind}")
+        if cached and n == 1:
+            return mask[start:start + 1], False  # a decoding step: every slot, same shape each step
         return mask[start:start + n, :start + n], False
 
     def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None, start: int = 0) -> torch.Tensor:
@@ -170,6 +174,6 @@ class Transformer(nn.Module):
         if start + n > self.max_len:
             raise ValueError(f"positions {start}..{start + n - 1} exceed max_len={self.max_len}")
         for i, (block, kind) in enumerate(zip(self.blocks, self.kinds)):
-            attn_mask, is_causal = self._attn_args(kind, start, n)
+            attn_mask, is_causal = self._attn_args(kind, start, n, cache is not None)
             x = block(x, attn_mask, is_causal, cache, i, start)
         return self.norm(x)

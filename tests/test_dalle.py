@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import dalle_ar.transformer
 from dalle_ar.dalle import DALLE, DALLEConfig, sample_logits
 from dalle_ar.transformer import build_mask
 
@@ -31,6 +32,16 @@ def batch(b=3, seed=1):
 
 def seeded(seed):
     return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a busy 2-core machine OpenMP's
+    barriers make them many times slower: run this file single-threaded, then restore."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # ---- masks -----------------------------------------------------------------------------------
@@ -65,12 +76,18 @@ def test_mask_patterns_follow_the_paper():
         r * 8 + c for r in (2, 3, 4) for c in range(2, 7) if r * 8 + c <= 36}
 
 
-def test_masks_are_buffers_built_once():
+def test_masks_are_buffers_built_once(monkeypatch):
     model = make(MIXED)
     assert not any(k.startswith("transformer.mask") for k in model.state_dict())
     ptrs = {k: v.data_ptr() for k, v in model.named_buffers()}
     assert set(ptrs) == {"transformer.mask_row", "transformer.mask_column", "transformer.mask_conv"}
-    model.generate(batch()[0], generator=seeded(0))
+
+    def no_new_masks(*args, **kwargs):
+        raise AssertionError("a mask was built after construction")
+
+    monkeypatch.setattr(dalle_ar.transformer, "build_mask", no_new_masks)
+    model.generate(batch()[0], guidance_scale=2.0, prime=batch()[1][:, :1], generator=seeded(0))
+    model(*batch())
     assert ptrs == {k: v.data_ptr() for k, v in model.named_buffers()}
 
 
@@ -98,11 +115,29 @@ def test_cached_decoding_equals_full_forward(attn_types, primed):
     flat = codes.flatten(1)
     cache = model.new_cache()
     steps = [model.prefill(text, cache, flat[:, :primed])]
+    storage = cache.kv.data_ptr()
     for i in range(primed, G * G - 1):
         steps.append(model.step(flat[:, i], i, cache))
     cached = torch.stack(steps, 1)
-    assert cache.kv.shape == (4, 2, 3, 4, T + G * G - 1, 8)
+    # One preallocated tensor for every layer, written in place (never grown or reallocated).
+    assert cache.kv.shape == (4, 2, 3, 4, T + G * G - 1, 8) and cache.kv.data_ptr() == storage
     assert torch.allclose(cached, full[:, primed:], atol=1e-5, rtol=0), (cached - full[:, primed:]).abs().max()
+
+
+def test_decoding_steps_all_have_one_shape(monkeypatch):
+    """Each step attends over every cache slot (the mask hides later ones): one shape for all
+    steps, so backends that plan per shape (cuDNN) plan once, not once per token."""
+    model = make(MIXED)
+    shapes = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        shapes.append((q.shape[2], k.shape[2]))
+        return sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    model.generate(batch()[0], generator=seeded(0))
+    assert set(shapes) == {(T, T), (1, T + G * G - 1)}
 
 
 def test_tied_heads():
