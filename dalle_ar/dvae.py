@@ -271,8 +271,9 @@ class DiscreteVAE(nn.Module):
         return codes.long()
 
     def _pixels(self, stats):
-        """Decoder statistics -> [0,1] images: the mean of the logit-Laplace (sigmoid of mu), unmapped."""
-        return self.unmap_pixels(torch.sigmoid(stats[:, : self.config.input_channels].float()))
+        """Decoder statistics -> [0,1] images: logit-Laplace: sigmoid of mu, unmapped; mse: mu, unmapped."""
+        mu = stats[:, : self.config.input_channels].float()
+        return self.unmap_pixels(torch.sigmoid(mu) if self.config.loss == "logit_laplace" else mu)
 
     # -- inference
     def logits(self, images: torch.Tensor) -> torch.Tensor:
@@ -325,7 +326,8 @@ class DiscreteVAE(nn.Module):
             log_b = stats[:, c.input_channels:]
             nll = (y.logit() - mu).abs() * torch.exp(-log_b) + log_b + math.log(2) + torch.log(y * (1 - y))
         else:
-            nll = (torch.sigmoid(mu) - y).pow(2)
+            # A linear output: a sigmoid here saturates on flat backgrounds and stalls learning.
+            nll = (mu - y).pow(2)
         recon = nll.mean()
 
         # KL(q || uniform) = log V - H(q) at each latent position.
