@@ -54,6 +54,9 @@ class DVAEConfig:
     temp_end: float = 1 / 16
     temp_anneal_steps: int = 150000  # cosine temp_start -> temp_end (paper: 150000)
     straight_through: bool = False  # hard one-hot forward, soft gradient
+    # Multiplies the encoder's last conv at init. The released init gives logits with std ~0.1,
+    # drowned by Gumbel noise (std 1.28), so small, short runs collapse onto a few codes.
+    logit_init_scale: float = 1.0
     # EMA of the weights, off by default. A shadow copy kept outside state_dict() (so optimizers,
     # ZeRO partitioning and checkpoints never see it), updated once per training step and written
     # by save_pretrained instead of the live weights. Not with ZeRO-3; not resumable: a resumed
@@ -80,6 +83,8 @@ class DVAEConfig:
             raise ValueError(f"DVAEConfig.kl_weight must be >= 0, got {self.kl_weight}")
         if not (self.temp_start > 0 and self.temp_end > 0):
             raise ValueError(f"DVAEConfig.temp_start and temp_end must be > 0, got {self.temp_start}, {self.temp_end}")
+        if not self.logit_init_scale > 0:
+            raise ValueError(f"DVAEConfig.logit_init_scale must be > 0, got {self.logit_init_scale}")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ValueError(f"DVAEConfig.ema_decay must be None or in (0, 1), got {self.ema_decay}")
 
@@ -157,8 +162,10 @@ class Encoder(nn.Module):
     def __init__(self, c: DVAEConfig):
         super().__init__()
         widths = [c.n_hid * 2 ** g for g in range(c.group_count)]
-        self.blocks = _stack(c, Conv2d(c.input_channels, c.n_hid, 7), c.n_hid, widths, (3, 3, 3, 1), "pool",
-                             Conv2d(widths[-1], c.vocab_size, 1))
+        out = Conv2d(widths[-1], c.vocab_size, 1)
+        with torch.no_grad():
+            out.w.mul_(c.logit_init_scale)
+        self.blocks = _stack(c, Conv2d(c.input_channels, c.n_hid, 7), c.n_hid, widths, (3, 3, 3, 1), "pool", out)
 
     def forward(self, x):
         return self.blocks(x)

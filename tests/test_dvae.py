@@ -162,6 +162,21 @@ def test_overfits_a_few_images():
     assert 1 <= usage["perplexity"] <= 32 and 0 < usage["used_fraction"] <= 1
 
 
+def test_mse_decodes_linearly_and_logit_init_scale_scales_the_logits():
+    torch.manual_seed(0)
+    a = make(loss="mse")
+    torch.manual_seed(0)
+    b = make(loss="mse", logit_init_scale=10.0)
+    x = blocks_images()
+    with torch.no_grad():
+        assert torch.allclose(b.logits(x), 10 * a.logits(x), atol=1e-4)  # the last conv starts with zero bias
+        stats = a.decoder(a.encode(x))
+        # mse: the decoder's output is the (mapped) pixel itself, no sigmoid
+        assert torch.allclose(a.decode(a.encode(x)), a.unmap_pixels(stats[:, :3]))
+    loss, parts = a(x, step=0)
+    assert float(parts["recon"]) >= 0 and torch.isfinite(loss)
+
+
 def test_metrics():
     x = torch.rand(2, 3, 4, 4)
     assert float(psnr(x, x)) == pytest.approx(100)
@@ -192,7 +207,8 @@ def test_bad_input_is_a_value_error_naming_it():
     for kw, name in [(dict(image_size=18, group_count=3), "image_size"), (dict(n_hid=10), "n_hid"),
                      (dict(loss="l1"), "loss"), (dict(vocab_size=0), "vocab_size"), (dict(kl_weight=-1), "kl_weight"),
                      (dict(temp_end=0), "temp_end"), (dict(ema_decay=1.0), "ema_decay"),
-                     (dict(logit_laplace_eps=0.5), "logit_laplace_eps"), (dict(group_count=1.5), "group_count")]:
+                     (dict(logit_laplace_eps=0.5), "logit_laplace_eps"), (dict(group_count=1.5), "group_count"),
+                     (dict(logit_init_scale=0), "logit_init_scale")]:
         with pytest.raises(ValueError, match=name):
             DVAEConfig(**{**TINY, **kw})
     with pytest.raises(ValueError, match="DVAEConfig"):
