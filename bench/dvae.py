@@ -36,7 +36,8 @@ VAL_PHOTOS = ("chelsea.png", "rocket.jpg", "motorcycle_right.png")
 
 def model_config(a, image_size=64) -> DVAEConfig:
     return DVAEConfig(image_size=image_size, n_hid=a.n_hid, group_count=a.groups, n_blk_per_group=a.blocks,
-                      vocab_size=a.vocab, n_init=a.n_init, kl_weight=a.kl_weight,
+                      vocab_size=a.vocab, n_init=a.n_init, loss=a.loss, kl_weight=a.kl_weight,
+                      logit_init_scale=a.logit_init_scale,
                       kl_warmup_steps=int(a.kl_warmup * a.steps), temp_start=1.0, temp_end=a.temp_end,
                       temp_anneal_steps=int(a.temp_anneal * a.steps), straight_through=a.straight_through)
 
@@ -209,18 +210,20 @@ def main(argv=None) -> int:
     p.add_argument("--minutes", type=float, default=5.0, help="wall-clock budget of each training run")
     p.add_argument("--steps", type=int, default=0,
                    help="optimizer steps; the schedules scale to it (0: as many as fit --minutes, timed on 10 steps)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup", type=int, default=50)
-    p.add_argument("--n-hid", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--n-hid", type=int, default=16)
     p.add_argument("--groups", type=int, default=4)
     p.add_argument("--blocks", type=int, default=1)
-    p.add_argument("--vocab", type=int, default=512)
-    p.add_argument("--n-init", type=int, default=64)
-    p.add_argument("--kl-weight", type=float, default=6.6)
-    p.add_argument("--kl-warmup", type=float, default=0.3, help="KL warm-up as a fraction of --steps")
+    p.add_argument("--vocab", type=int, default=256)
+    p.add_argument("--n-init", type=int, default=128)
+    p.add_argument("--loss", choices=["mse", "logit_laplace"], default="mse")
+    p.add_argument("--kl-weight", type=float, default=0.1, help="0.1 suits mse (the paper's 6.6 is for logit-Laplace)")
+    p.add_argument("--logit-init-scale", type=float, default=10.0)
+    p.add_argument("--kl-warmup", type=float, default=0.5, help="KL warm-up as a fraction of --steps")
     p.add_argument("--temp-end", type=float, default=1 / 16)
-    p.add_argument("--temp-anneal", type=float, default=0.8, help="temperature anneal as a fraction of --steps")
+    p.add_argument("--temp-anneal", type=float, default=0.75, help="temperature anneal as a fraction of --steps")
     p.add_argument("--straight-through", action="store_true")
     p.add_argument("--train-size", type=int, default=20000)
     p.add_argument("--val-size", type=int, default=500)

@@ -17,6 +17,7 @@ COMMANDS = [
     ("dalle_ar.train.cli", "add_export_parser"),  # dalle-ar export CKPT_DIR --out DIR
     ("dalle_ar.train.cli", "add_encode_parser"),  # dalle-ar encode --dvae DIR --shards ... --out DIR
     ("dalle_ar.convert", "add_parser"),           # dalle-ar convert openai-dvae ...
+    ("dalle_ar.generate", "add_pipeline_parser"), # dalle-ar pipeline --tokenizer --dvae --dalle [--clip] --out
     ("dalle_ar.generate", "add_parser"),          # dalle-ar generate ...
     ("dalle_ar.demo", "add_parser"),              # dalle-ar demo --out DIR
 ]

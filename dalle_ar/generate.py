@@ -58,7 +58,7 @@ def _done_lines(jsonl: Path) -> set[int]:
 def generate_to_folder(pipe, prompts_file, out, *, candidates: int = 16, keep: int = 1, seed: int = 0,
                        batch_size: int = 16, grid_rows: int = 64,
                        temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
-                       guidance_scale: float = 1.0, progress: bool = True) -> dict:
+                       guidance_scale: Optional[float] = None, progress: bool = True) -> dict:
     """Generate for every prompt of `prompts_file` into `out`; returns a summary dict."""
     if keep > candidates:
         raise ValueError(f"keep={keep} > candidates={candidates}")
@@ -140,12 +140,36 @@ def _run(args) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = TextToImagePipeline.from_pretrained(args.model, device=device, clip=args.clip)
-    guidance = args.guidance_scale
-    if guidance is None:
-        guidance = float(getattr(pipe.dalle.config, "guidance_scale", 1.0) or 1.0)
     summary = generate_to_folder(pipe, args.prompts, args.out, candidates=args.candidates, keep=args.keep,
                                  seed=args.seed, batch_size=args.batch_size, temperature=args.temperature,
-                                 top_k=args.top_k, top_p=args.top_p, guidance_scale=guidance)
+                                 top_k=args.top_k, top_p=args.top_p, guidance_scale=args.guidance_scale)
     print(json.dumps(summary, indent=2))
     print(f"grid: {summary['grid']}\nprompts.jsonl: {summary['jsonl']}")
+    return 0
+
+
+# ---- CLI: dalle-ar pipeline ----------------------------------------------------------------------
+
+def add_pipeline_parser(subparsers) -> None:
+    p = subparsers.add_parser("pipeline", help="assemble trained parts into a pipeline directory",
+                              description="Join a tokenizer, a dVAE, a prior and (optionally) a CLIP, each a "
+                                          "directory (e.g. a run's export/), into one pipeline folder that "
+                                          "`dalle-ar generate --model` and TextToImagePipeline.from_pretrained load.")
+    p.add_argument("--tokenizer", required=True, help="tokenizer directory (dalle-ar tokenizer train --out)")
+    p.add_argument("--dvae", required=True, help="dVAE directory (config.json + model.safetensors)")
+    p.add_argument("--dalle", required=True, help="prior directory (config.json + model.safetensors)")
+    p.add_argument("--clip", default=None, help="CLIP directory (own or a local pretrained CLIP); none: no reranking")
+    p.add_argument("--out", required=True, help="pipeline directory to write")
+    p.set_defaults(func=_assemble)
+
+
+def _assemble(args) -> int:
+    for name in ("tokenizer", "dvae", "dalle", "clip"):
+        path = getattr(args, name)
+        if path is not None and not Path(path).is_dir():
+            raise ValueError(f"--{name}: {path} is not a directory")
+    from .pipeline import TextToImagePipeline
+
+    pipe = TextToImagePipeline.from_pretrained_parts(args.tokenizer, args.dvae, args.dalle, args.clip)
+    print(f"pipeline: {pipe.save_pretrained(args.out)}")
     return 0

@@ -175,7 +175,7 @@ class TextToImagePipeline:
         temperature: float = 1.0,
         top_k: Optional[int] = None,
         top_p: Optional[float] = None,
-        guidance_scale: float = 1.0,
+        guidance_scale: Optional[float] = None,
         seed: int = 0,
         batch_size: int = 16,
         return_candidates: bool = False,
@@ -185,7 +185,7 @@ class TextToImagePipeline:
 
         Prompt i samples with its own generator seeded `seed + i`, so a prompt's images do not
         depend on which other prompts share the call. Without a CLIP, candidates keep their
-        sampling order and scores are NaN.
+        sampling order and scores are NaN. guidance_scale None: the prior's configured value.
         """
         prompts = check_prompts(prompts)
         for name, v in (("num_candidates", num_candidates), ("keep", keep), ("batch_size", batch_size)):
@@ -193,6 +193,8 @@ class TextToImagePipeline:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
         if keep > num_candidates:
             raise ValueError(f"keep={keep} > num_candidates={num_candidates}")
+        if guidance_scale is None:
+            guidance_scale = self.dalle.config.guidance_scale
         sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance_scale)
         text = self.encode_prompts(prompts)
         bar = tqdm(total=len(prompts) * num_candidates, desc="candidates", unit="img",
@@ -221,3 +223,4 @@ class TextToImagePipeline:
             ))
         bar.close()
         return results
+

@@ -116,6 +116,18 @@ def test_missing_component_and_non_clip_directory(pipe_dir, parts, tmp_path):
         TextToImagePipeline.from_pretrained(broken)
 
 
+def test_pipeline_cli_assembles_parts(parts, tmp_path, capsys):
+    from dalle_ar.cli import main
+
+    argv = ["pipeline", "--tokenizer", str(parts / "tokenizer"), "--dvae", str(parts / "dvae"),
+            "--dalle", str(parts / "dalle"), "--out", str(tmp_path / "p")]
+    assert main([*argv, "--clip", str(parts / "clip")]) == 0
+    pipe = TextToImagePipeline.from_pretrained(tmp_path / "p")
+    assert pipe.reranker is not None and (tmp_path / "p" / "clip" / "model.safetensors").is_file()
+    assert main([*argv, "--clip", str(tmp_path / "nowhere")]) == 2
+    assert "--clip" in capsys.readouterr().err
+
+
 def test_mismatched_parts_are_refused(parts, tmp_path):
     other = DiscreteVAE(DVAEConfig(image_size=16, n_hid=8, group_count=2, vocab_size=32, n_init=8))
     other.save_pretrained(tmp_path / "dvae")

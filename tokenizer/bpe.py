@@ -309,22 +309,20 @@ def _pad_token(tok: Tokenizer, config: dict) -> Optional[str]:
 # ---- captions ----------------------------------------------------------------------------------------
 
 def _expand(sources) -> list[str]:
-    from braceexpand import braceexpand
+    """The shard loader's rules: brace patterns, globs, directories (their *.tar), lists of them."""
+    from dalle_ar.data.shards import expand_shards
 
-    if isinstance(sources, (str, os.PathLike)):
-        sources = [sources]
-    paths = [p for s in sources for p in braceexpand(str(s))]
-    if not paths:
+    if isinstance(sources, (list, tuple)) and not sources:
         raise ValueError("shards_or_files: nothing given")
-    return paths
+    return expand_shards(sources)
 
 
 def read_captions(shards_or_files, stats: Optional[dict] = None) -> Iterator[str]:
     """Captions, one per line, from WebDataset tars (their `txt` members) or plain `.txt` files.
 
-    Accepts a path, a brace pattern (`train-{000..009}.tar`) or a list of them. Members that are not
-    UTF-8 and unreadable tars are skipped and counted in `stats` (reason -> count, if given) and in
-    a logged warning; blank lines are dropped.
+    Accepts a path, a brace pattern (`train-{000..009}.tar`), a glob, a directory or a list of them.
+    Members that are not UTF-8 and unreadable tars are skipped and counted in `stats` (reason ->
+    count, if given) and in a logged warning; blank lines are dropped.
     """
     skipped: dict[str, int] = stats if stats is not None else {}
     for path in _expand(shards_or_files):

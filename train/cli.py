@@ -49,7 +49,8 @@ def _train(args) -> int:
 
 def add_train_parser(subparsers) -> None:
     p = subparsers.add_parser("train", help="train a stage (dvae, dalle, clip) through the DeepSpeed engine",
-                              description=__doc__.split("\n\n")[1])
+                              description="\n\n".join(__doc__.split("\n\n")[1:3]),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("stage", choices=["dvae", "dalle", "clip"])
     add_train_arguments(p)
     p.set_defaults(func=_train)
