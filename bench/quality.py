@@ -183,10 +183,10 @@ def main(argv=None) -> None:
     else:
         prompts = digits.val_captions(a.prompts, a.seed)
         clf, val_scans, val_labels = digits_classifier(report)
-        columns, held = ("digit",), []
+        columns, held = ("accuracy",), []
 
         def judge(i, image):
-            return {"digit": bool(clf.predict(downsample(image)[None])[0] == digit_of(prompts[i]))}
+            return {"accuracy": bool(clf.predict(downsample(image)[None])[0] == digit_of(prompts[i]))}
 
     rows = []
     for g in settings:
@@ -213,8 +213,8 @@ def main(argv=None) -> None:
     else:
         recon = reconstruct(pipe, np.stack([np.asarray(digits.upscale(s)) for s in val_scans]))
         pred = clf.predict(np.stack([downsample(im) for im in recon]))
-        entry = {"digit": float((pred == val_labels).mean())}
-        rows.append(["-", f"dVAE recon ({len(recon)} real)", entry["digit"]])
+        entry = {"accuracy": float((pred == val_labels).mean())}
+        rows.append(["-", f"dVAE recon ({len(recon)} real)", entry["accuracy"]])
     report["reconstruction"] = entry
 
     print(f"\nquality ({len(prompts)} prompts x {a.candidates} candidates; random = mean over candidates, "
@@ -239,7 +239,7 @@ def main(argv=None) -> None:
                 [[f"{s['guidance']:g}", s["candidates"], s["seconds"], s["candidates_per_s"],
                   *(f"{100 * s[k + '_share']:.0f}%" for k in ("prior", "decode", "clip"))] for s in speed])
 
-    key = "exact" if a.data == "shapes" else "digit"
+    key = "exact" if a.data == "shapes" else "accuracy"
     final = report["settings"][str(configured)]["reranked"][key]
     report["seconds"] = round(time.perf_counter() - start, 1)
     print(f"\ntotal time {report['seconds']} s")
