@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 # Budgets: overrides on top of train/configs/<stage>-<data>.json. "default" fits ~15 minutes on
 # 2 CPU cores; "fast" is a ~2 minute smoke run (the images will be poor).
 BUDGETS = {
-    "default": {"data": {"train_size": 20000, "val_size": 1000},
+    "default": {"data": {"train_size": 16000, "val_size": 1000},
                 "dvae": [], "clip": [], "dalle": [],
                 "generate": {"prompts": 48, "candidates": 16}},
     "fast": {"data": {"train_size": 2000, "val_size": 200},
