@@ -223,4 +223,3 @@ class TextToImagePipeline:
             ))
         bar.close()
         return results
-

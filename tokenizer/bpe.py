@@ -308,15 +308,6 @@ def _pad_token(tok: Tokenizer, config: dict) -> Optional[str]:
 
 # ---- captions ----------------------------------------------------------------------------------------
 
-def _expand(sources) -> list[str]:
-    """The shard loader's rules: brace patterns, globs, directories (their *.tar), lists of them."""
-    from dalle_ar.data.shards import expand_shards
-
-    if isinstance(sources, (list, tuple)) and not sources:
-        raise ValueError("shards_or_files: nothing given")
-    return expand_shards(sources)
-
-
 def read_captions(shards_or_files, stats: Optional[dict] = None) -> Iterator[str]:
     """Captions, one per line, from WebDataset tars (their `txt` members) or plain `.txt` files.
 
@@ -324,8 +315,10 @@ def read_captions(shards_or_files, stats: Optional[dict] = None) -> Iterator[str
     Members that are not UTF-8 and unreadable tars are skipped and counted in `stats` (reason ->
     count, if given) and in a logged warning; blank lines are dropped.
     """
+    from dalle_ar.data.shards import expand_shards  # the shard loader's rules, one implementation
+
     skipped: dict[str, int] = stats if stats is not None else {}
-    for path in _expand(shards_or_files):
+    for path in expand_shards(shards_or_files):
         if not Path(path).is_file():
             raise FileNotFoundError(f"no such shard or caption file: {path}")
         if path.endswith(".tar"):
