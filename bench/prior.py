@@ -25,6 +25,7 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
+from common import pick_threads
 from dalle_ar.dalle import DALLE, DALLEConfig, sample_logits
 
 
@@ -153,13 +154,7 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's, or 1 when the CPU is already busy)")
     args = p.parse_args(argv)
-    busy = args.threads is None and args.device == "cpu" and os.getloadavg()[0] >= (os.cpu_count() or 1)
-    if busy:
-        # On oversubscribed cores every small op's OpenMP barrier waits for a descheduled thread:
-        # measured here, a decoding step went from ~7 ms (1 thread) to ~165 ms (2 threads).
-        args.threads = 1
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    busy, load = pick_threads(args.threads, args.device)
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -173,7 +168,7 @@ def main(argv=None) -> None:
     sizes = [int(n) for n in args.matmul_sizes.split(",")]
     peak = matmul_rate(device, dtype, sizes)
     machine = torch.cuda.get_device_name(device) if cuda else f"{os.cpu_count()}-core CPU, {torch.get_num_threads()} threads"
-    print(f"# prior bench: {machine}, torch {torch.__version__}, load avg {os.getloadavg()[0]:.2f}"
+    print(f"# prior bench: {machine}, torch {torch.__version__}, load avg {load:.2f}"
           + (" (busy: 1 thread; --threads N to override)" if busy else ""))
     print(f"# dense {dtype} matmul (best of n = {args.matmul_sizes}): {peak / 1e9:.1f} GFLOP/s")
 

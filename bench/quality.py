@@ -34,6 +34,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from common import pick_threads
 from dalle_ar.data import digits, shapes
 from dalle_ar.io import write_json
 from dalle_ar.pipeline import TextToImagePipeline, to_pil
@@ -153,12 +154,7 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     start = time.perf_counter()
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    load = os.getloadavg()[0]
-    busy = a.threads is None and device.type == "cpu" and load >= (os.cpu_count() or 1)
-    if busy:  # threads spinning against another job: a prior step took 30x longer with 2 threads than 1
-        a.threads = 1
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    busy, load = pick_threads(a.threads, device.type)
     pipe = TextToImagePipeline.from_pretrained(a.pipeline, device=device)
     configured = float(pipe.dalle.config.guidance_scale)
     settings = [configured] + ([1.0] if configured != 1.0 else [])

@@ -88,6 +88,18 @@ def test_same_seed_same_images(pipe):
     assert pixels(a[0]) != pixels(c[0])
 
 
+def test_guidance_defaults_to_the_priors_configured_value(pipe):
+    run = lambda **kw: [list(im.getdata()) for im in pipe(  # noqa: E731
+        ["red circle"], num_candidates=4, keep=4, seed=3, progress=False, **kw)[0].images]
+    saved = pipe.dalle.config.guidance_scale
+    try:
+        pipe.dalle.config.guidance_scale = 3.0
+        default, explicit, plain = run(), run(guidance_scale=3.0), run(guidance_scale=1.0)
+    finally:
+        pipe.dalle.config.guidance_scale = saved
+    assert default == explicit and default != plain
+
+
 @pytest.mark.parametrize("kwargs, name", [
     (dict(prompts=[]), "prompts"),
     (dict(prompts=["   "]), "prompts"),
