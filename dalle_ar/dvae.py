@@ -54,10 +54,11 @@ class DVAEConfig:
     temp_end: float = 1 / 16
     temp_anneal_steps: int = 150000  # cosine temp_start -> temp_end (paper: 150000)
     straight_through: bool = False  # hard one-hot forward, soft gradient
-    # From this optimizer step on, the encoder gets no gradient and the decoder trains on its argmax
-    # codes (no Gumbel noise, no relaxation): on exactly what decode(encode(x)) sees. A short final
-    # phase like this sharpens small, short runs (shapes: exact reconstructions 0.63 -> 0.71 with 400
-    # such steps after 1600). None: relax to the end, as in the paper.
+    # From this optimizer step on, the encoder is frozen (requires_grad off) and the decoder trains on
+    # its argmax codes (no Gumbel noise, no relaxation): on exactly what decode(encode(x)) sees. A
+    # final phase like this sharpens small, short runs; pair it with TrainConfig.restart_at at the
+    # same step and train with ZeRO-0 (ZeRO 1-3's flat optimizer partitions still nudge a frozen
+    # encoder). None: relax to the end, as in the paper.
     hard_codes_from_step: Optional[int] = None
     # Multiplies the encoder's last conv at init. The released init gives logits with std ~0.1,
     # drowned by Gumbel noise (std 1.28), so small, short runs collapse onto a few codes.
@@ -338,6 +339,10 @@ class DiscreteVAE(nn.Module):
         y = self.map_pixels(x)
         tau, beta = self.temperature(step), self.kl_weight(step)
         if self.hard_codes(step):
+            # Frozen, not merely without gradient: DeepSpeed zero-fills the missing gradients of
+            # parameters that require grad, and AdamW's momentum and weight decay would then keep
+            # moving the encoder (its codes drifting under the decoder) through the whole phase.
+            self.encoder.requires_grad_(False)
             with torch.no_grad():
                 logits = self.encoder(y).float()
             stats = self.decoder(logits.argmax(1)).float()

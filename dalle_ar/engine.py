@@ -88,6 +88,8 @@ class TrainConfig:
     warmup: int = 100                 # linear warm-up steps from 0
     schedule: str = "cosine"          # after warm-up: cosine to min_lr | halving | constant
     halve_every: int = 0              # halving: halve the LR every N steps after warm-up (paper-style)
+    restart_at: int = 0               # >0: the schedule starts over here (warm-up, then down to min_lr at
+                                      # `steps`), e.g. for the dVAE's final decoder-only phase
     weight_decay: float = 4.5e-2      # paper; applied to weight matrices only
     betas: tuple = (0.9, 0.96)        # paper
     eps: float = 1e-8
@@ -110,7 +112,7 @@ class TrainConfig:
 
         for name in ("steps", "batch_size", "grad_accum", "keep_last", "log_every", "max_nonfinite"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "an integer >= 1")
-        for name in ("warmup", "save_every", "seed", "halve_every"):
+        for name in ("warmup", "save_every", "seed", "halve_every", "restart_at"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 0, name, "an integer >= 0")
         need(self.lr > 0, "lr", "> 0")
         need(0 <= self.min_lr <= self.lr, "min_lr", "in [0, lr]")
@@ -127,14 +129,21 @@ class TrainConfig:
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up from 0 to cfg.lr, then cosine down to cfg.min_lr at cfg.steps, or halved every
     cfg.halve_every steps down to cfg.min_lr (the paper halves on plateaus; a fixed period resumes
-    exactly), or constant."""
+    exactly), or constant. With cfg.restart_at, [0, restart_at) and [restart_at, steps) each run the
+    whole schedule."""
+    end = cfg.steps
+    if 0 < cfg.restart_at < cfg.steps:
+        if step >= cfg.restart_at:
+            step, end = step - cfg.restart_at, cfg.steps - cfg.restart_at
+        else:
+            end = cfg.restart_at
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     if cfg.schedule == "constant":
         return cfg.lr
     if cfg.schedule == "halving":
         return max(cfg.min_lr, cfg.lr * 0.5 ** ((step - cfg.warmup) // cfg.halve_every))
-    t = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    t = min(1.0, (step - cfg.warmup) / max(1, end - cfg.warmup))
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t))
 
 

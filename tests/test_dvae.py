@@ -224,7 +224,7 @@ def test_hard_codes_phase_trains_the_decoder_alone_on_argmax_codes():
     model.zero_grad(set_to_none=True)
     loss, parts = model(x, step=5)
     loss.backward()
-    assert all(p.grad is None for p in model.encoder.parameters())
+    assert all(p.grad is None and not p.requires_grad for p in model.encoder.parameters())
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.decoder.parameters())
     with torch.no_grad():  # the loss is the error of the decoder on exactly the codes encode(x) gives
         mse = (model.decoder(model.encode(x)) - model.map_pixels(x)).pow(2).mean()
@@ -286,8 +286,12 @@ def test_trains_through_the_engine(tmp_path, zero_stage):
         probe.load_state_dict(weights[step])
         return float(psnr(probe.decode(probe.encode(x)), x))
 
-    # The encoder gets no gradient in the last 4 steps (DeepSpeed zero-fills its grads, so Adam's
-    # momentum still moves it a little); the decoder learns the codes it is given.
+    # The last 4 steps train the decoder on the codes of a frozen encoder. Under ZeRO 1-3 the
+    # partitioned optimizer still moves it a little (zero gradients meet momentum and weight decay).
+    changed = {k for k in weights[11] if not torch.equal(weights[11][k], weights[15][k])}
+    assert any(k.startswith("decoder.") for k in changed)
+    if zero_stage == 0:
+        assert all(k.startswith("decoder.") for k in changed), sorted(changed)
     assert hard_psnr(15) > hard_psnr(11) + 0.3
     exported = DiscreteVAE.from_pretrained(summary["export_dir"])
     assert torch.equal(exported.encode(x), model.eval().encode(x))

@@ -138,6 +138,17 @@ def test_lr_schedules():
     assert lr_at(50, toy_cfg(warmup=10, schedule="constant", lr=0.3)) == 0.3
     with pytest.raises(ValueError, match="halve_every"):
         toy_cfg(schedule="halving")
+    # A restart runs the whole schedule again over the remaining steps; one at or after the end never comes.
+    restart = toy_cfg(steps=100, warmup=10, lr=1.0, min_lr=0.1, restart_at=60)
+    first = toy_cfg(steps=60, warmup=10, lr=1.0, min_lr=0.1)
+    again = toy_cfg(steps=40, warmup=10, lr=1.0, min_lr=0.1)
+    assert [lr_at(s, restart) for s in range(100)] == pytest.approx(
+        [lr_at(s, first) for s in range(60)] + [lr_at(s, again) for s in range(40)])
+    assert lr_at(69, restart) == 1.0 and lr_at(100, restart) == pytest.approx(0.1)
+    assert [lr_at(s, toy_cfg(steps=100, warmup=10, restart_at=100)) for s in range(100)] == \
+        [lr_at(s, toy_cfg(steps=100, warmup=10)) for s in range(100)]
+    with pytest.raises(ValueError, match="restart_at"):
+        toy_cfg(restart_at=-1)
 
 
 def test_tensorboard_log_lines_hooks_and_keep_last(tmp_path, capsys):

