@@ -35,11 +35,19 @@ VAL_PHOTOS = ("chelsea.png", "rocket.jpg", "motorcycle_right.png")
 
 
 def model_config(a, image_size=64) -> DVAEConfig:
+    """The schedules scale to the relaxed steps, the last a.hard_codes of a.steps train the decoder alone."""
+    relaxed = a.steps - int(a.hard_codes * a.steps)
     return DVAEConfig(image_size=image_size, n_hid=a.n_hid, group_count=a.groups, n_blk_per_group=a.blocks,
                       vocab_size=a.vocab, n_init=a.n_init, loss=a.loss, kl_weight=a.kl_weight,
                       logit_init_scale=a.logit_init_scale,
-                      kl_warmup_steps=int(a.kl_warmup * a.steps), temp_start=1.0, temp_end=a.temp_end,
-                      temp_anneal_steps=int(a.temp_anneal * a.steps), straight_through=a.straight_through)
+                      kl_warmup_steps=int(a.kl_warmup * relaxed), temp_start=1.0, temp_end=a.temp_end,
+                      temp_anneal_steps=int(a.temp_anneal * relaxed), straight_through=a.straight_through,
+                      hard_codes_from_step=relaxed if a.hard_codes > 0 else None)
+
+
+def as_input(images_u8: torch.Tensor, device) -> torch.Tensor:
+    """uint8 batch -> [0,1] floats in channels-last layout, as the dvae stage feeds the model."""
+    return (images_u8.to(device).float() / 255).contiguous(memory_format=torch.channels_last)
 
 
 # ---- data ------------------------------------------------------------------------------------------
@@ -89,14 +97,16 @@ def random_crop(image: torch.Tensor, g: torch.Generator, size: int = 64) -> torc
 
 def train(model: DiscreteVAE, next_batch, a, device) -> dict:
     """AdamW + warm-up/cosine LR + grad clipping as in the engine; stops at a.steps or a.minutes."""
-    cfg = TrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, min_lr=a.lr / 10, warmup=a.warmup)
+    hard = model.config.hard_codes_from_step  # the LR schedule starts over for the decoder-only phase
+    cfg = TrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, min_lr=a.lr / 10, warmup=a.warmup,
+                      restart_at=hard or 0)
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
     model.train()
     t0, step, parts = time.time(), 0, {}
     while step < a.steps and time.time() - t0 < a.minutes * 60:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        loss, parts = model(next_batch().to(device).float() / 255, step=step)
+        loss, parts = model(as_input(next_batch(), device), step=step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -130,20 +140,25 @@ def with_steps(a, device, next_batch):
 
 
 def fit_steps(a, device, next_batch) -> int:
-    """Steps that fit a.minutes, from the time of 10 training steps of a throw-away model (after 3 warm-up)."""
-    model = DiscreteVAE(model_config(a)).to(device).train()
+    """Steps that fit a.minutes, from the time of 10 relaxed and 10 decoder-only steps of a throw-away
+    model (each after 3 warm-up)."""
+    model = DiscreteVAE(model_config(argparse.Namespace(**{**vars(a), "steps": 100}))).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr)
-    for i in range(13):
-        if i == 3:
-            t = time.time()
-        loss, _ = model(next_batch().to(device).float() / 255, step=i)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    float(loss)  # waits for the device
-    per_step = (time.time() - t) / 10
-    steps = max(20, int(a.minutes * 60 * 0.97 / per_step))
-    print(f"  {per_step * 1000:.0f} ms a step -> {steps} steps in {a.minutes} min", flush=True)
+    per_step = []
+    for step in (0, 100):  # relaxed, then (when configured) decoder-only
+        for i in range(13):
+            if i == 3:
+                t = time.time()
+            loss, _ = model(as_input(next_batch(), device), step=step + i)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        float(loss)  # waits for the device
+        per_step.append((time.time() - t) / 10)
+    mean = (1 - a.hard_codes) * per_step[0] + a.hard_codes * per_step[1]
+    steps = max(20, int(a.minutes * 60 * 0.97 / mean))
+    print(f"  {per_step[0] * 1000:.0f} ms a relaxed step, {per_step[1] * 1000:.0f} ms a decoder-only step -> "
+          f"{steps} steps in {a.minutes} min", flush=True)
     return steps
 
 
@@ -225,6 +240,8 @@ def main(argv=None) -> int:
     p.add_argument("--temp-end", type=float, default=1 / 16)
     p.add_argument("--temp-anneal", type=float, default=0.75, help="temperature anneal as a fraction of --steps")
     p.add_argument("--straight-through", action="store_true")
+    p.add_argument("--hard-codes", type=float, default=0.24,
+                   help="final share of --steps that trains the decoder alone on argmax codes (0: none)")
     p.add_argument("--train-size", type=int, default=20000)
     p.add_argument("--val-size", type=int, default=500)
     p.add_argument("--tp-batch", type=int, default=64, help="encode throughput batch (256 px on CPU: see --tp-batch-256)")
@@ -236,6 +253,8 @@ def main(argv=None) -> int:
     p.add_argument("--save", default=None, help="directory to save the trained shapes dVAE into")
     p.add_argument("--json", default=None, help="also write the results as JSON here")
     a = p.parse_args(argv)
+    if not 0 <= a.hard_codes < 1:
+        p.error(f"--hard-codes must be in [0, 1), got {a.hard_codes}")
     if a.threads:
         torch.set_num_threads(a.threads)
     device = torch.device(a.device)
@@ -245,7 +264,8 @@ def main(argv=None) -> int:
           f"blocks {c.n_blk_per_group}, vocab {c.vocab_size}, n_init {c.n_init}, "
           f"{sum(t.numel() for t in DiscreteVAE(c).parameters()) / 1e6:.2f}M params; steps {a.steps}, batch "
           f"{a.batch_size}, lr {a.lr}, beta {c.kl_weight} over {c.kl_warmup_steps}, tau 1 -> {c.temp_end:.4g} over "
-          f"{c.temp_anneal_steps}; budget {a.minutes} min a run", flush=True)
+          f"{c.temp_anneal_steps} (of the relaxed steps), last {a.hard_codes:.0%} decoder-only on argmax codes; "
+          f"budget {a.minutes} min a run", flush=True)
 
     rows = {}
     if "shapes" in sections:

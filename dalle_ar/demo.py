@@ -18,11 +18,12 @@ log = logging.getLogger(__name__)
 # Budgets: overrides on top of train/configs/<stage>-<data>.json. "default" fits ~15 minutes on
 # 2 CPU cores; "fast" is a ~2 minute smoke run (the images will be poor).
 BUDGETS = {
-    "default": {"data": {"train_size": 16000, "val_size": 1000},
+    "default": {"data": {"train_size": 12000, "val_size": 1000},
                 "dvae": [], "clip": [], "dalle": [],
                 "generate": {"prompts": 48, "candidates": 16}},
     "fast": {"data": {"train_size": 2000, "val_size": 200},
-             "dvae": ["train.steps=60"], "clip": ["train.steps=40"], "dalle": ["train.steps=60"],
+             "dvae": ["train.steps=60", "model.hard_codes_from_step=45", "train.restart_at=45"],
+             "clip": ["train.steps=40"], "dalle": ["train.steps=60"],
              "generate": {"prompts": 8, "candidates": 4}},
 }
 
