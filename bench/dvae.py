@@ -153,7 +153,7 @@ def fit_steps(a, device, next_batch) -> int:
             opt.zero_grad()
             loss.backward()
             opt.step()
-        float(loss)  # waits for the device
+        float(loss.detach())  # waits for the device
         per_step.append((time.time() - t) / 10)
     mean = (1 - a.hard_codes) * per_step[0] + a.hard_codes * per_step[1]
     steps = max(20, int(a.minutes * 60 * 0.97 / mean))
