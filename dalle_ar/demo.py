@@ -22,7 +22,7 @@ BUDGETS = {
                 "dvae": [], "clip": [], "dalle": [],
                 "generate": {"prompts": 48, "candidates": 16}},
     "fast": {"data": {"train_size": 2000, "val_size": 200},
-             "dvae": ["train.steps=60", "model.hard_codes_from_step=45", "train.restart_at=45"],
+             "dvae": ["train.steps=60", "model.hard_codes_from_step=45"],
              "clip": ["train.steps=40"], "dalle": ["train.steps=60"],
              "generate": {"prompts": 8, "candidates": 4}},
 }

@@ -56,9 +56,9 @@ class DVAEConfig:
     straight_through: bool = False  # hard one-hot forward, soft gradient
     # From this optimizer step on, the encoder is frozen (requires_grad off) and the decoder trains on
     # its argmax codes (no Gumbel noise, no relaxation): on exactly what decode(encode(x)) sees. A
-    # final phase like this sharpens small, short runs; pair it with TrainConfig.restart_at at the
-    # same step and train with ZeRO-0 (ZeRO 1-3's flat optimizer partitions still nudge a frozen
-    # encoder). None: relax to the end, as in the paper.
+    # final phase like this sharpens small, short runs (the dvae stage restarts the LR schedule
+    # there, TrainConfig.restart_at); train with ZeRO-0 (ZeRO 1-3's flat optimizer partitions still
+    # nudge a frozen encoder). None: relax to the end, as in the paper.
     hard_codes_from_step: Optional[int] = None
     # Multiplies the encoder's last conv at init. The released init gives logits with std ~0.1,
     # drowned by Gumbel noise (std 1.28), so small, short runs collapse onto a few codes.

@@ -258,7 +258,7 @@ def test_ema_is_off_by_default_and_exported_when_on(tmp_path):
 
 @pytest.mark.parametrize("zero_stage", [0, 2])
 def test_trains_through_the_engine(tmp_path, zero_stage):
-    """Relaxed steps, then the decoder-only phase (its encoder gets no gradients under ZeRO too)."""
+    """Relaxed steps, then the decoder-only phase, under ZeRO 0 and 2."""
     from dalle_ar.engine import TrainConfig, train
 
     model = make(n_hid=16, vocab_size=64, n_init=16, kl_weight=1.0, kl_warmup_steps=10, temp_anneal_steps=20,

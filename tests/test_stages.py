@@ -131,6 +131,17 @@ def test_stage_config_overrides():
         load_stage_config("vqgan")
 
 
+def test_dvae_stage_restarts_the_lr_for_the_decoder_only_phase(tmp_path):
+    from dalle_ar.train.stages import STAGES
+
+    def stage(overrides, config=config_path("dvae-shapes.json")):
+        return STAGES["dvae"](*load_stage_config("dvae", config, overrides)[:3], [], None, tmp_path)
+
+    assert stage([]).train_cfg.restart_at == 1600  # the shipped config's hard_codes_from_step
+    assert stage(["model.hard_codes_from_step=900", "train.restart_at=1000"]).train_cfg.restart_at == 1000
+    assert stage([], config=None).train_cfg.restart_at == 0  # no decoder-only phase, no restart
+
+
 def test_stages_refuse_missing_inputs(run, tmp_path):
     with pytest.raises(ValueError, match="tokenizer"):
         run_stage("dalle", run["train"], tmp_path / "x", overrides=["train.steps=1"])

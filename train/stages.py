@@ -214,6 +214,13 @@ class Stage:
 class DVAEStage(Stage):
     name = "dvae"
 
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        # The decoder-only phase wants a fresh LR schedule: restart it there unless train.restart_at says.
+        hard = self.model_cfg.hard_codes_from_step
+        if hard and not self.train_cfg.restart_at:
+            self.train_cfg = dataclasses.replace(self.train_cfg, restart_at=hard)
+
     def build_model(self):
         from dalle_ar.dvae import DiscreteVAE
 
@@ -407,6 +414,7 @@ def run_stage(stage: str, train_shards, out, *, val_shards=None, config_file=Non
     model_cfg, train_cfg, data_cfg, ds_over = load_stage_config(stage, config_file, overrides)
     out = Path(out)
     st = STAGES[stage](model_cfg, train_cfg, data_cfg, train_shards, val_shards, out)
+    train_cfg = st.train_cfg  # as the stage completed it
     engine.seed_everything(train_cfg.seed)  # initial weights follow train.seed
     model = st.build_model()
     out.mkdir(parents=True, exist_ok=True)
