@@ -121,7 +121,8 @@ def time_parts(pipe, prompts, n: int, guidance: float, seed: int) -> dict:
     for k, i in enumerate([0] + list(range(len(prompts)))):  # k = 0: an untimed warm-up pass
         g = torch.Generator(device=pipe.device).manual_seed(seed + i)
         t0 = clock(pipe.device)
-        codes = pipe.dalle.generate(text[i:i + 1].expand(n, -1), guidance_scale=guidance, generator=g)
+        codes = pipe.dalle.generate(text[i:i + 1].expand(n, -1), temperature=pipe.dalle.config.temperature,
+                                     guidance_scale=guidance, generator=g)
         t1 = clock(pipe.device)
         images = to_pil(pipe.dvae.decode(codes).float().cpu())
         t2 = clock(pipe.device)

@@ -48,6 +48,7 @@ class DALLEConfig:
     pad_id: int = 0                 # the tokenizer's pad id
     tie_heads: bool = False         # output heads share the token embedding matrices
     guidance_scale: float = 1.0     # recommended classifier-free guidance for generation (CLI default)
+    temperature: float = 1.0        # recommended sampling temperature (pipeline and CLI default)
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field (called when a model is built)."""
@@ -75,6 +76,12 @@ class DALLEConfig:
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not low <= v <= high:
                 raise ValueError(f"DALLEConfig.{name} must be in [{low}, {high}], got {v!r}")
         check_guidance(self.guidance_scale, "DALLEConfig.guidance_scale")
+        check_temperature(self.temperature, "DALLEConfig.temperature")
+
+
+def check_temperature(v, name="temperature") -> None:
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
 
 
 def check_guidance(v, name="guidance_scale") -> None:
@@ -264,9 +271,7 @@ class DALLE(nn.Module):
         c = self.config
         text = self.check_text(text)
         B, g, N = text.shape[0], c.image_grid, self.num_image_tokens
-        if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) \
-                or not math.isfinite(temperature) or temperature <= 0:
-            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+        check_temperature(temperature)
         if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k <= 0):
             raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
         if top_p is not None and (not isinstance(top_p, (int, float)) or isinstance(top_p, bool)

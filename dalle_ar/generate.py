@@ -57,7 +57,7 @@ def _done_lines(jsonl: Path) -> set[int]:
 
 def generate_to_folder(pipe, prompts_file, out, *, candidates: int = 16, keep: int = 1, seed: int = 0,
                        batch_size: int = 16, grid_rows: int = 64,
-                       temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
+                       temperature: Optional[float] = None, top_k: Optional[int] = None, top_p: Optional[float] = None,
                        guidance_scale: Optional[float] = None, progress: bool = True) -> dict:
     """Generate for every prompt of `prompts_file` into `out`; returns a summary dict."""
     if keep > candidates:
@@ -123,7 +123,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--keep", type=int, default=1, help="best images kept per prompt (k)")
     p.add_argument("--batch-size", type=int, default=16, help="candidates sampled at once")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=None,
+                   help="sampling temperature (> 0); default: the model's recommended value")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--guidance-scale", type=float, default=None,

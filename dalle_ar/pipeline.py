@@ -172,7 +172,7 @@ class TextToImagePipeline:
         num_candidates: int = 16,
         keep: int = 1,
         *,
-        temperature: float = 1.0,
+        temperature: Optional[float] = None,
         top_k: Optional[int] = None,
         top_p: Optional[float] = None,
         guidance_scale: Optional[float] = None,
@@ -185,7 +185,8 @@ class TextToImagePipeline:
 
         Prompt i samples with its own generator seeded `seed + i`, so a prompt's images do not
         depend on which other prompts share the call. Without a CLIP, candidates keep their
-        sampling order and scores are NaN. guidance_scale None: the prior's configured value.
+        sampling order and scores are NaN. temperature and guidance_scale None: the prior's
+        configured values (DALLEConfig.temperature, DALLEConfig.guidance_scale).
         """
         prompts = check_prompts(prompts)
         for name, v in (("num_candidates", num_candidates), ("keep", keep), ("batch_size", batch_size)):
@@ -193,6 +194,8 @@ class TextToImagePipeline:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
         if keep > num_candidates:
             raise ValueError(f"keep={keep} > num_candidates={num_candidates}")
+        if temperature is None:
+            temperature = self.dalle.config.temperature
         if guidance_scale is None:
             guidance_scale = self.dalle.config.guidance_scale
         sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance_scale)

@@ -341,7 +341,9 @@ def test_forward_rejects_invalid_inputs(text, codes, name):
     (dict(attn_types="row"), "attn_types"), (dict(dim=30), "dim"), (dict(conv_kernel=4), "conv_kernel"),
     (dict(text_vocab_size=0), "text_vocab_size"), (dict(image_grid=0), "image_grid"),
     (dict(null_prob=1.5), "null_prob"), (dict(loss_text_weight=-0.1), "loss_text_weight"),
-    (dict(pad_id=40), "pad_id"), (dict(guidance_scale=-2.0), "guidance_scale"), (dict(depth=2.0), "depth"),
+    (dict(pad_id=40), "pad_id"), (dict(guidance_scale=-2.0), "guidance_scale"),
+    (dict(temperature=0.0), "temperature"), (dict(temperature=float("inf")), "temperature"),
+    (dict(depth=2.0), "depth"),
 ])
 def test_config_rejects_invalid_fields(change, name):
     with pytest.raises(ValueError, match=name):

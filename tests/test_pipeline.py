@@ -100,6 +100,18 @@ def test_guidance_defaults_to_the_priors_configured_value(pipe):
     assert default == explicit and default != plain
 
 
+def test_temperature_defaults_to_the_priors_configured_value(pipe):
+    run = lambda **kw: [list(im.getdata()) for im in pipe(  # noqa: E731
+        ["red circle"], num_candidates=4, keep=4, seed=3, progress=False, **kw)[0].images]
+    saved = pipe.dalle.config.temperature
+    try:
+        pipe.dalle.config.temperature = 0.5
+        default, explicit, plain = run(), run(temperature=0.5), run(temperature=1.0)
+    finally:
+        pipe.dalle.config.temperature = saved
+    assert default == explicit and default != plain
+
+
 @pytest.mark.parametrize("kwargs, name", [
     (dict(prompts=[]), "prompts"),
     (dict(prompts=["   "]), "prompts"),
