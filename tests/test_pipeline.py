@@ -88,27 +88,16 @@ def test_same_seed_same_images(pipe):
     assert pixels(a[0]) != pixels(c[0])
 
 
-def test_guidance_defaults_to_the_priors_configured_value(pipe):
+@pytest.mark.parametrize("name, configured, other", [("guidance_scale", 3.0, 1.0), ("temperature", 0.5, 1.0)])
+def test_sampling_defaults_to_the_priors_configured_values(pipe, name, configured, other):
     run = lambda **kw: [list(im.getdata()) for im in pipe(  # noqa: E731
         ["red circle"], num_candidates=4, keep=4, seed=3, progress=False, **kw)[0].images]
-    saved = pipe.dalle.config.guidance_scale
+    saved = getattr(pipe.dalle.config, name)
     try:
-        pipe.dalle.config.guidance_scale = 3.0
-        default, explicit, plain = run(), run(guidance_scale=3.0), run(guidance_scale=1.0)
+        setattr(pipe.dalle.config, name, configured)
+        default, explicit, plain = run(), run(**{name: configured}), run(**{name: other})
     finally:
-        pipe.dalle.config.guidance_scale = saved
-    assert default == explicit and default != plain
-
-
-def test_temperature_defaults_to_the_priors_configured_value(pipe):
-    run = lambda **kw: [list(im.getdata()) for im in pipe(  # noqa: E731
-        ["red circle"], num_candidates=4, keep=4, seed=3, progress=False, **kw)[0].images]
-    saved = pipe.dalle.config.temperature
-    try:
-        pipe.dalle.config.temperature = 0.5
-        default, explicit, plain = run(), run(temperature=0.5), run(temperature=1.0)
-    finally:
-        pipe.dalle.config.temperature = saved
+        setattr(pipe.dalle.config, name, saved)
     assert default == explicit and default != plain
 
 
