@@ -10,7 +10,8 @@
 (b) photos: 64x64 crops of the RGB photos bundled with scikit-image (3 held out for val).
 (c) encode throughput at 64 px (the small config) and 256 px (OpenAI's size: n_hid 256, vocab
     8192, 2 blocks per group; random weights).
-The KL and temperature schedules are scaled to --steps (warm-up and anneal as fractions of it).
+The KL and temperature schedules are scaled to the relaxed steps (warm-up and anneal as fractions
+of them); the last --hard-codes share of --steps trains the decoder alone on argmax codes.
 """
 
 from __future__ import annotations
@@ -236,9 +237,10 @@ def main(argv=None) -> int:
     p.add_argument("--loss", choices=["mse", "logit_laplace"], default="mse")
     p.add_argument("--kl-weight", type=float, default=0.1, help="0.1 suits mse (the paper's 6.6 is for logit-Laplace)")
     p.add_argument("--logit-init-scale", type=float, default=10.0)
-    p.add_argument("--kl-warmup", type=float, default=0.5, help="KL warm-up as a fraction of --steps")
+    p.add_argument("--kl-warmup", type=float, default=0.5, help="KL warm-up as a fraction of the relaxed steps")
     p.add_argument("--temp-end", type=float, default=1 / 16)
-    p.add_argument("--temp-anneal", type=float, default=0.75, help="temperature anneal as a fraction of --steps")
+    p.add_argument("--temp-anneal", type=float, default=0.75,
+                   help="temperature anneal as a fraction of the relaxed steps")
     p.add_argument("--straight-through", action="store_true")
     p.add_argument("--hard-codes", type=float, default=0.24,
                    help="final share of --steps that trains the decoder alone on argmax codes (0: none)")

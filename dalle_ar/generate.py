@@ -57,8 +57,9 @@ def _done_lines(jsonl: Path) -> set[int]:
 
 def generate_to_folder(pipe, prompts_file, out, *, candidates: int = 16, keep: int = 1, seed: int = 0,
                        batch_size: int = 16, grid_rows: int = 64,
-                       temperature: Optional[float] = None, top_k: Optional[int] = None, top_p: Optional[float] = None,
-                       guidance_scale: Optional[float] = None, progress: bool = True) -> dict:
+                       temperature: Optional[float] = None, top_k: Optional[int] = None,
+                       top_p: Optional[float] = None, guidance_scale: Optional[float] = None,
+                       progress: bool = True) -> dict:
     """Generate for every prompt of `prompts_file` into `out`; returns a summary dict."""
     if keep > candidates:
         raise ValueError(f"keep={keep} > candidates={candidates}")
