@@ -111,6 +111,11 @@ class Conv2d(nn.Module):
     instead of building a [B,V,h,w] one-hot tensor (through the module call, so ZeRO-3 gathers w).
     """
 
+    # Convolutions run channels-last (the input, and a per-call copy of the weight, so parameters keep
+    # their usual layout for ZeRO and checkpoints): these narrow convolutions train ~1.4x and encode
+    # ~1.5x faster on CPU than in the default layout (bench/dvae.py's layout section).
+    memory_format = torch.channels_last
+
     def __init__(self, n_in: int, n_out: int, kw: int):
         super().__init__()
         # Variance-preserving normal init, zero bias, as in the released model.
@@ -123,7 +128,9 @@ class Conv2d(nn.Module):
             h = F.embedding(x, self.w[:, :, 0, 0].t()) + self.b   # [B,h,w,out]
             return rearrange(h, "b h w c -> b c h w")
         # Follow the weights' dtype, so a bf16 engine can hand the model fp32 images.
-        return F.conv2d(x.to(self.w.dtype), self.w, self.b, padding=(self.kw - 1) // 2)
+        fmt = self.memory_format
+        return F.conv2d(x.to(self.w.dtype).contiguous(memory_format=fmt), self.w.contiguous(memory_format=fmt),
+                        self.b, padding=(self.kw - 1) // 2)
 
 
 class ResBlock(nn.Module):
