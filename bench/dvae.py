@@ -9,8 +9,8 @@
     and the share of val reconstructions that keep every attribute (shapes.check_image exact).
 (b) photos: 64x64 crops of the RGB photos bundled with scikit-image (3 held out for val).
 (c) encode throughput at 64 px (the small config) and 256 px (OpenAI's size: n_hid 256, vocab
-    8192, 2 blocks per group; random weights), and the convolution layout: train-step time and
-    encode rate of the small config in the default layout vs channels-last, back to back.
+    8192, 2 blocks per group; random weights), and the inference convolution layout: encode and
+    decode rates of the small config in the default layout vs channels-last, back to back.
 The KL and temperature schedules are scaled to the relaxed steps (warm-up and anneal as fractions
 of them); the last --hard-codes share of --steps trains the decoder alone on argmax codes.
 """
@@ -18,7 +18,6 @@ of them); the last --hard-codes share of --steps trains the decoder alone on arg
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import time
@@ -222,36 +221,34 @@ def encode_throughput(config: DVAEConfig, batch: int, device, repeats: int) -> f
     return batch * repeats / (time.time() - t)
 
 
-def layout_speed(config: DVAEConfig, batch: int, device, repeats: int = 20) -> dict:
-    """ms per training step (relaxed, decoder-only) and encode images/s with the convolutions in the
-    default layout vs channels-last (the model's default), measured back to back in this run."""
+@torch.no_grad()
+def layout_speed(config: DVAEConfig, batch: int, device, repeats: int = 5) -> dict:
+    """encode and decode images/s of this config with the inference convolutions in the default
+    layout vs channels-last (the model's default), measured back to back in this run."""
     from dalle_ar.dvae import Conv2d
 
     torch.manual_seed(0)
-    model = DiscreteVAE(dataclasses.replace(config, hard_codes_from_step=1)).to(device).train()  # step 0 relaxed
-    x = torch.rand(batch, 3, config.image_size, config.image_size, device=device)
+    model = DiscreteVAE(config).to(device).eval()
+    codes = torch.randint(0, config.vocab_size, (batch, model.grid_size, model.grid_size), device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    def step_ms(step):
-        for i in range(repeats + 2):
-            if i == 2:
-                sync()
-                t = time.time()
-            loss, _ = model(x, step=step)
-            loss.backward()
-            model.zero_grad(set_to_none=True)
-            model.encoder.requires_grad_(True)
+    def rate(fn):
+        fn()  # warm-up
         sync()
-        return (time.time() - t) / repeats * 1000
+        t = time.time()
+        for _ in range(repeats):
+            fn()
+        sync()
+        return batch * repeats / (time.time() - t)
 
-    out, default = {}, Conv2d.memory_format
+    out, default = {}, Conv2d.inference_memory_format
     try:
         for name, fmt in (("contiguous", torch.contiguous_format), ("channels_last", torch.channels_last)):
-            Conv2d.memory_format = fmt
-            out[name] = {"relaxed_ms": step_ms(0), "decoder_only_ms": step_ms(1),
-                         "encode_per_s": encode_throughput(config, 64, device, 5)}
+            Conv2d.inference_memory_format = fmt
+            out[name] = {"encode_per_s": encode_throughput(config, batch, device, repeats),
+                         "decode_per_s": rate(lambda: model.decode(codes))}
     finally:
-        Conv2d.memory_format = default
+        Conv2d.inference_memory_format = default
     return out
 
 
@@ -324,14 +321,14 @@ def main(argv=None) -> int:
         print(f"\nencode throughput ({device}): {rows['throughput']['64px_small']:.1f} images/s at 64 px "
               f"(batch {a.tp_batch}, this config); {rows['throughput']['256px_openai']:.2f} images/s at 256 px "
               f"(batch {b256}, OpenAI size)")
-        lay = rows["layout"] = layout_speed(c, a.batch_size, device)
-        print(f"\nconvolution layout (this config, batch {a.batch_size} train steps, batch 64 encode; same run)")
-        print(f"{'layout':14s} {'relaxed ms':>11s} {'decoder-only ms':>16s} {'encode img/s':>13s}")
+        lay = rows["layout"] = layout_speed(c, a.tp_batch, device)
+        print(f"\ninference convolution layout (this config, batch {a.tp_batch}; same run)")
+        print(f"{'layout':14s} {'encode img/s':>13s} {'decode img/s':>13s}")
         for name, r in lay.items():
-            print(f"{name:14s} {r['relaxed_ms']:11.1f} {r['decoder_only_ms']:16.1f} {r['encode_per_s']:13.1f}")
+            print(f"{name:14s} {r['encode_per_s']:13.1f} {r['decode_per_s']:13.1f}")
         cl, co = lay["channels_last"], lay["contiguous"]
-        print(f"channels_last speed-up: relaxed x{co['relaxed_ms'] / cl['relaxed_ms']:.2f}, decoder-only "
-              f"x{co['decoder_only_ms'] / cl['decoder_only_ms']:.2f}, encode x{cl['encode_per_s'] / co['encode_per_s']:.2f}")
+        print(f"channels_last speed-up: encode x{cl['encode_per_s'] / co['encode_per_s']:.2f}, "
+              f"decode x{cl['decode_per_s'] / co['decode_per_s']:.2f}")
     if a.json:
         Path(a.json).write_text(json.dumps({"args": vars(a), "results": rows}, indent=1))
     return 0
