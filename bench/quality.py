@@ -10,8 +10,9 @@ judged, then three picks are reported:
   random    the mean over all N candidates: the expected accuracy of a random pick
   oracle    1 if any candidate is right (per column): the upper bound of any reranker
 shapes: shapes.check_image on the prompt's attributes (relation over two-object prompts; for
-  two objects `place` means they are separate), exact accuracy on the held-out pairs (the first
-  three prompts) apart, and the dVAE's reconstruction of real val scenes (the decoder's ceiling).
+  two objects `place` means they are separate), exact accuracy apart on the held-out pairs (the
+  first three prompts), on one-object and on two-object scenes, and the dVAE's reconstruction of
+  real val scenes (the decoder's ceiling).
 digits: a scikit-learn SVC trained on the real 8x8 scans (every 5th held out, as in the digits
   set) classifies the generations after undoing digits.upscale (crop the margin, undo the
   contrast stretch, area-average to 8x8 in 0..16).
@@ -65,6 +66,12 @@ def accuracy(judged, tops, column, pick, prompts=None):
         col = [float(v) for v in col]
         vals.append({"reranked": col[tops[i]], "random": sum(col) / len(col), "oracle": max(col)}[pick])
     return sum(vals) / len(vals) if vals else None
+
+
+def scene_kinds(attrs) -> dict:
+    """Indices of the one-object and of the two-object scenes."""
+    return {"one_object_exact": [i for i, s in enumerate(attrs) if len(s["objects"]) == 1],
+            "two_object_exact": [i for i, s in enumerate(attrs) if len(s["objects"]) == 2]}
 
 
 # ---- judges --------------------------------------------------------------------------------------
@@ -174,13 +181,15 @@ def main(argv=None) -> None:
         attrs = [shapes.parse_caption(c) for c in prompts]
         columns = ("color", "shape", "size", "place", "relation", "exact")
         held = list(range(min(len(shapes.HELD_OUT), len(prompts))))
+        # Exact match over subsets of the prompts: the held-out pairs, one-object and two-object scenes.
+        subsets = {"held_out_exact": held, **scene_kinds(attrs)}
 
         def judge(i, image):
             return shapes.check_image(image, attrs[i])
     else:
         prompts = digits.val_captions(a.prompts, a.seed)
         clf, val_scans, val_labels = digits_classifier(report)
-        columns, held = ("accuracy",), []
+        columns, held, subsets = ("accuracy",), [], {}
 
         def judge(i, image):
             return {"accuracy": bool(clf.predict(downsample(image)[None])[0] == digit_of(prompts[i]))}
@@ -194,8 +203,7 @@ def main(argv=None) -> None:
         entry = {}
         for pick in PICKS:
             entry[pick] = {c: accuracy(judged, tops, c, pick) for c in columns}
-            if held:
-                entry[pick]["held_out_exact"] = accuracy(judged, tops, "exact", pick, held)
+            entry[pick].update({k: accuracy(judged, tops, "exact", pick, idx) for k, idx in subsets.items()})
             rows.append([f"{g:g}", pick] + list(entry[pick].values()))
         report["settings"][str(g)] = entry
 
@@ -206,6 +214,8 @@ def main(argv=None) -> None:
         tops = [0] * len(judged)
         entry = {c: accuracy(judged, tops, c, "reranked") for c in columns}
         entry["held_out_exact"] = accuracy(judged, tops, "exact", "reranked", held)
+        entry.update({k: accuracy(judged, tops, "exact", "reranked", idx)
+                      for k, idx in scene_kinds([s for s, _ in scenes]).items()})
         rows.append(["-", f"dVAE recon ({len(scenes)} real)"] + list(entry.values()))
     else:
         recon = reconstruct(pipe, np.stack([np.asarray(digits.upscale(s)) for s in val_scans]))
@@ -216,11 +226,12 @@ def main(argv=None) -> None:
 
     print(f"\nquality ({len(prompts)} prompts x {a.candidates} candidates; random = mean over candidates, "
           f"oracle = any candidate right)")
-    print_table(["guidance", "pick", *columns, *(["held-out exact"] if held else [])], rows)
+    print_table(["guidance", "pick", *columns, *(["held-out exact", "1-object exact", "2-object exact"] if held else [])],
+                rows)
     if a.data == "shapes":
-        n2 = sum(s["relation"] is not None for s in attrs)
-        print(f"relation over {n2} two-object prompts; held-out exact over the first {len(held)} prompts "
-              f"{[prompts[i] for i in held]}")
+        n2 = len(subsets["two_object_exact"])
+        print(f"relation and 2-object exact over {n2} two-object prompts, 1-object exact over the other "
+              f"{len(prompts) - n2}; held-out exact over the first {len(held)} prompts {[prompts[i] for i in held]}")
     else:
         c = report["classifier"]
         print(f"classifier (SVC on real 8x8 scans) on {c['val_scans']} held-out scans: raw {c['raw_8x8']:.3f}, "
