@@ -59,7 +59,7 @@ def generate_to_folder(pipe, prompts_file, out, *, candidates: int = 16, keep: i
                        batch_size: int = 16, grid_rows: int = 64,
                        temperature: Optional[float] = None, top_k: Optional[int] = None,
                        top_p: Optional[float] = None, guidance_scale: Optional[float] = None,
-                       progress: bool = True) -> dict:
+                       consensus: Optional[float] = None, progress: bool = True) -> dict:
     """Generate for every prompt of `prompts_file` into `out`; returns a summary dict."""
     if keep > candidates:
         raise ValueError(f"keep={keep} > candidates={candidates}")
@@ -79,7 +79,7 @@ def generate_to_folder(pipe, prompts_file, out, *, candidates: int = 16, keep: i
             # The seed of a prompt is tied to its line, so a resumed run gives the same images.
             (res,) = pipe([p], num_candidates=candidates, keep=keep, seed=seed + n, batch_size=batch_size,
                           temperature=temperature, top_k=top_k, top_p=top_p,
-                          guidance_scale=guidance_scale, progress=False)
+                          guidance_scale=guidance_scale, consensus=consensus, progress=False)
             rows = []
             for img, score, rank in zip(res.images, res.scores, res.ranks):
                 rel = f"images/{n:06d}_{rank}.png"
@@ -130,6 +130,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--guidance-scale", type=float, default=None,
                    help="classifier-free guidance (1 = off); default: the model's recommended value")
+    p.add_argument("--consensus", type=float, default=None,
+                   help="weight of the candidates' agreement in the ranking (0: CLIP score alone); "
+                        "default: the pipeline's (1.0)")
     p.add_argument("--clip", default=None, help="a local CLIP directory to rerank with instead of the model's")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.set_defaults(func=_run)
@@ -144,7 +147,8 @@ def _run(args) -> int:
     pipe = TextToImagePipeline.from_pretrained(args.model, device=device, clip=args.clip)
     summary = generate_to_folder(pipe, args.prompts, args.out, candidates=args.candidates, keep=args.keep,
                                  seed=args.seed, batch_size=args.batch_size, temperature=args.temperature,
-                                 top_k=args.top_k, top_p=args.top_p, guidance_scale=args.guidance_scale)
+                                 top_k=args.top_k, top_p=args.top_p, guidance_scale=args.guidance_scale,
+                                 consensus=args.consensus)
     print(json.dumps(summary, indent=2))
     print(f"grid: {summary['grid']}\nprompts.jsonl: {summary['jsonl']}")
     return 0

@@ -26,13 +26,15 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .io import write_json
+from .rerank import CONSENSUS, check_consensus
 
 PIPELINE_FILE = "pipeline.json"
 
 
 @dataclass
 class PromptResult:
-    """What one prompt gave: the kept images best first, their CLIP scores and ranks (0 = best)."""
+    """What one prompt gave: the kept images best first, their reranker scores (CLIP scores, or with
+    consensus > 0 the z-scored mix of CLIPReranker.rerank) and ranks (0 = best)."""
 
     prompt: str
     images: list
@@ -176,17 +178,20 @@ class TextToImagePipeline:
         top_k: Optional[int] = None,
         top_p: Optional[float] = None,
         guidance_scale: Optional[float] = None,
+        consensus: Optional[float] = None,
         seed: int = 0,
         batch_size: int = 16,
         return_candidates: bool = False,
         progress: bool = True,
     ) -> list[PromptResult]:
-        """Sample `num_candidates` images per prompt, keep the `keep` best by CLIP score.
+        """Sample `num_candidates` images per prompt, keep the `keep` best by the reranker.
 
         Prompt i samples with its own generator seeded `seed + i`, so a prompt's images do not
         depend on which other prompts share the call. Without a CLIP, candidates keep their
         sampling order and scores are NaN. temperature and guidance_scale None: the prior's
-        configured values (DALLEConfig.temperature, DALLEConfig.guidance_scale).
+        configured values (DALLEConfig.temperature, DALLEConfig.guidance_scale). consensus: the
+        weight of candidate agreement in the ranking (CLIPReranker.rerank; 0 = CLIP score alone;
+        None = rerank.CONSENSUS).
         """
         prompts = check_prompts(prompts)
         for name, v in (("num_candidates", num_candidates), ("keep", keep), ("batch_size", batch_size)):
@@ -194,6 +199,7 @@ class TextToImagePipeline:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
         if keep > num_candidates:
             raise ValueError(f"keep={keep} > num_candidates={num_candidates}")
+        consensus = CONSENSUS if consensus is None else check_consensus(consensus)
         if temperature is None:
             temperature = self.dalle.config.temperature
         if guidance_scale is None:
@@ -208,7 +214,7 @@ class TextToImagePipeline:
             images = to_pil(self.sample(text[i:i + 1], num_candidates, generator=g,
                                         batch_size=batch_size, progress=bar, **sampling))
             if self.reranker is not None:
-                order, scores = self.reranker.rerank(prompt, images, keep=num_candidates)
+                order, scores = self.reranker.rerank(prompt, images, keep=num_candidates, consensus=consensus)
                 order, scores = order.tolist(), scores.tolist()
             else:
                 order, scores = list(range(num_candidates)), [float("nan")] * num_candidates

@@ -3,6 +3,11 @@
     reranker = CLIPReranker.from_pretrained("my-model/clip")        # or a local copy of OpenAI's CLIP
     order, scores = reranker.rerank("a red circle", images, keep=4)  # best first
 
+Ranking adds consensus to the CLIP score (`consensus`, default 1.0; 0 ranks by CLIP alone): each
+candidate's mean CLIP-image cosine to the other candidates, both terms z-scored over the prompt's
+candidates. A candidate that agrees with most of its siblings is rarely an outlier of the prior
+(a minimum-Bayes-risk pick); the CLIP term keeps the prompt in charge.
+
 Any local transformers `CLIPModel` directory works (offline, `local_files_only=True`). For a
 self-contained demo we also train our own small CLIP (`build_small_clip`): a transformers
 `CLIPModel` with a small `CLIPConfig`, whose text side reads our BPE through a
@@ -18,8 +23,10 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 EOS = "<eos>"  # appended to every caption for the small CLIP's text pooling
+CONSENSUS = 1.0  # default weight of candidate agreement in rerank (docs/benchmarks.md: reranker variants)
 
 
 # ---- the reranker --------------------------------------------------------------------------------
@@ -62,9 +69,13 @@ class CLIPReranker:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    @torch.no_grad()
     def score(self, prompt: str, images: list, batch_size: int = 64) -> torch.Tensor:
         """-> FloatTensor [N] on the CPU: logit_scale * cos(text(prompt), image(images[i]))."""
+        return self._score_and_embed(prompt, images, batch_size)[0]
+
+    @torch.no_grad()
+    def _score_and_embed(self, prompt: str, images: list, batch_size: int = 64):
+        """-> (CLIP scores [N], unit image embeddings [N, D]), both float32 on the CPU."""
         prompt = _check_prompt(prompt)
         if not isinstance(images, (list, tuple)) or not images:
             raise ValueError("images must be a non-empty list of PIL images")
@@ -73,23 +84,47 @@ class CLIPReranker:
         dev = self.device
         text = self.tokenizer([prompt], max_length=self.text_len, truncation=True, return_tensors="pt")
         text = {k: text[k].to(dev) for k in ("input_ids", "attention_mask")}
-        scores = []
+        scores, embeds = [], []
         for start in range(0, len(images), batch_size):
             chunk = [im.convert("RGB") for im in images[start:start + batch_size]]
             pixels = self.image_processor(images=chunk, return_tensors="pt")["pixel_values"]
             out = self.model(**text, pixel_values=pixels.to(dev, next(self.model.parameters()).dtype))
             scores.append(out.logits_per_image[:, 0].float().cpu())
-        return torch.cat(scores)
+            embeds.append(F.normalize(out.image_embeds.float(), dim=-1).cpu())
+        return torch.cat(scores), torch.cat(embeds)
 
-    def rerank(self, prompt: str, images: list, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (indices LongTensor [keep], scores FloatTensor [keep]) of the best images, best first."""
+    def rerank(self, prompt: str, images: list, keep: int, consensus: float = CONSENSUS
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (indices LongTensor [keep], scores FloatTensor [keep]) of the best images, best first.
+
+        consensus 0: scores are the CLIP scores. consensus w > 0 (with 3+ images): scores are
+        z(CLIP score) + w * z(mean cosine of the image's CLIP embedding to the other images'), z-scored
+        over these images.
+        """
         if not isinstance(images, (list, tuple)) or not images:
             raise ValueError("images must be a non-empty list of PIL images")
         if not isinstance(keep, int) or not 1 <= keep <= len(images):
             raise ValueError(f"keep must be an integer in [1, {len(images)}] (the number of images), got {keep!r}")
-        scores = self.score(prompt, images)
+        check_consensus(consensus)
+        scores, embeds = self._score_and_embed(prompt, images)
+        n = len(images)
+        if consensus > 0 and n > 2:
+            sim = embeds @ embeds.T
+            agreement = (sim.sum(1) - sim.diagonal()) / (n - 1)
+            scores = _zscore(scores) + consensus * _zscore(agreement)
         order = torch.argsort(scores, descending=True, stable=True)[:keep]
         return order, scores[order]
+
+
+def check_consensus(consensus) -> float:
+    if isinstance(consensus, bool) or not isinstance(consensus, (int, float)) or not 0 <= consensus < float("inf"):
+        raise ValueError(f"consensus must be a finite number >= 0, got {consensus!r}")
+    return float(consensus)
+
+
+def _zscore(x: torch.Tensor) -> torch.Tensor:
+    """(x - mean) / std over the candidates; all-equal values give zeros."""
+    return (x - x.mean()) / x.std(unbiased=False).clamp_min(1e-8)
 
 
 def _check_prompt(prompt) -> str:

@@ -69,11 +69,17 @@ def test_kept_images_are_the_best_scored_candidates(pipe):
     assert len(res.candidates) == 6
     best = sorted(res.candidate_scores, reverse=True)[:2]
     assert res.scores == pytest.approx(best)
-    # The kept images are those candidates, and the reranker scores agree when asked directly.
-    direct = pipe.reranker.score(res.prompt, res.candidates)
-    assert direct.tolist() == pytest.approx(res.candidate_scores, abs=1e-4)
-    first = res.candidates[int(direct.argmax())]
+    # The kept images are those candidates, and the reranker agrees when asked directly.
+    order, direct = pipe.reranker.rerank(res.prompt, res.candidates, keep=6)
+    assert direct.tolist() == pytest.approx([res.candidate_scores[i] for i in order], abs=1e-3)
+    first = res.candidates[int(order[0])]
     assert list(first.getdata()) == list(res.images[0].getdata())
+    # consensus=0 ranks by the CLIP score alone
+    (plain,) = pipe(["a small red circle in the top left"], num_candidates=6, keep=2, seed=3, consensus=0.0,
+                    return_candidates=True, progress=False)
+    clip = pipe.reranker.score(plain.prompt, plain.candidates)
+    assert clip.tolist() == pytest.approx(plain.candidate_scores, abs=1e-4)
+    assert plain.scores == pytest.approx(sorted(clip.tolist(), reverse=True)[:2], abs=1e-4)
 
 
 def test_same_seed_same_images(pipe):
@@ -108,6 +114,7 @@ def test_sampling_defaults_to_the_priors_configured_values(pipe, name, configure
     (dict(prompts=["red"], num_candidates=0), "num_candidates"),
     (dict(prompts=["red"], temperature=0.0), "temperature"),
     (dict(prompts=["red"], top_k=0), "top_k"),
+    (dict(prompts=["red"], consensus=-1.0), "consensus"),
 ])
 def test_invalid_arguments(pipe, kwargs, name):
     prompts = kwargs.pop("prompts")

@@ -133,19 +133,49 @@ def test_rerank_order_and_validation(reranker):
     _, _, pil = batch()
     prompt = "a yellow square in the middle"
     scores = reranker.score(prompt, pil)
-    idx, top = reranker.rerank(prompt, pil, keep=3)
+    idx, top = reranker.rerank(prompt, pil, keep=3, consensus=0)
     assert idx.dtype == torch.long and idx.shape == (3,) and top.shape == (3,)
     assert torch.equal(idx, torch.argsort(scores, descending=True)[:3])
     assert torch.equal(top, scores[idx]) and (top[:-1] >= top[1:]).all()
     for keep in (0, 9, 2.0):
         with pytest.raises(ValueError, match="keep"):
             reranker.rerank(prompt, pil, keep=keep)
+    for consensus in (-1.0, float("nan"), float("inf"), "1", True):
+        with pytest.raises(ValueError, match="consensus"):
+            reranker.rerank(prompt, pil, keep=1, consensus=consensus)
     with pytest.raises(ValueError, match="prompt"):
         reranker.rerank("  ", pil, keep=1)
     with pytest.raises(ValueError, match="images"):
         reranker.rerank(prompt, [], keep=1)
     with pytest.raises(ValueError, match="images"):
         reranker.score(prompt, [])
+
+
+def test_consensus_mixes_clip_score_and_agreement(reranker):
+    """rerank's default score is z(CLIP score) + w * z(mean cosine to the other candidates)."""
+    _, _, pil = batch()
+    images = pil[:1] * 4 + pil[1:4]  # four copies of one picture, three different ones
+    prompt = "a green bar in the middle"
+    clip_scores = reranker.score(prompt, images)
+    with torch.no_grad():  # the image embeddings, straight from the CLIPModel
+        px = reranker.image_processor(images=[im.convert("RGB") for im in images], return_tensors="pt")
+        emb = torch.nn.functional.normalize(reranker.model.get_image_features(**px).pooler_output, dim=-1)
+    sim = emb @ emb.T
+    agreement = (sim.sum(1) - 1) / (len(images) - 1)
+
+    def z(x):
+        return (x - x.mean()) / x.std(unbiased=False)
+
+    for w in (0.5, 1.0, 100.0):
+        idx, top = reranker.rerank(prompt, images, keep=len(images), consensus=w)
+        want = z(clip_scores) + w * z(agreement)
+        assert sorted(idx.tolist()) == list(range(len(images))) and (top[:-1] >= top[1:]).all()
+        assert torch.allclose(top, want[idx], rtol=1e-3, atol=1e-3)  # z-scores magnify float noise
+    # with a large weight the majority wins whatever the prompt: one of the four copies is first
+    assert int(reranker.rerank(prompt, images, keep=1, consensus=100.0)[0]) < 4
+    # with two images agreement cannot separate them: CLIP order, CLIP scores
+    idx, top = reranker.rerank(prompt, images[3:5], keep=2, consensus=1.0)
+    assert torch.equal(top, reranker.score(prompt, images[3:5])[idx])
 
 
 def test_not_a_clip_directory(tmp_path, tok):
