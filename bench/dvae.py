@@ -206,19 +206,24 @@ def bench_photos(a, device) -> dict:
     return {**info, **metrics}
 
 
+def images_per_s(fn, batch: int, device, repeats: int) -> float:
+    """batch * repeats / seconds of `repeats` calls of fn() after one untimed warm-up call."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    fn()
+    sync()
+    t = time.time()
+    for _ in range(repeats):
+        fn()
+    sync()
+    return batch * repeats / (time.time() - t)
+
+
 @torch.no_grad()
 def encode_throughput(config: DVAEConfig, batch: int, device, repeats: int) -> float:
     torch.manual_seed(0)
     model = DiscreteVAE(config).to(device).eval()
     x = torch.rand(batch, 3, config.image_size, config.image_size, device=device)
-    model.encode(x)  # warm-up
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    t = time.time()
-    for _ in range(repeats):
-        model.encode(x)
-    sync()
-    return batch * repeats / (time.time() - t)
+    return images_per_s(lambda: model.encode(x), batch, device, repeats)
 
 
 @torch.no_grad()
@@ -229,24 +234,14 @@ def layout_speed(config: DVAEConfig, batch: int, device, repeats: int = 5) -> di
 
     torch.manual_seed(0)
     model = DiscreteVAE(config).to(device).eval()
+    x = torch.rand(batch, 3, config.image_size, config.image_size, device=device)
     codes = torch.randint(0, config.vocab_size, (batch, model.grid_size, model.grid_size), device=device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-    def rate(fn):
-        fn()  # warm-up
-        sync()
-        t = time.time()
-        for _ in range(repeats):
-            fn()
-        sync()
-        return batch * repeats / (time.time() - t)
-
     out, default = {}, Conv2d.inference_memory_format
     try:
         for name, fmt in (("contiguous", torch.contiguous_format), ("channels_last", torch.channels_last)):
             Conv2d.inference_memory_format = fmt
-            out[name] = {"encode_per_s": encode_throughput(config, batch, device, repeats),
-                         "decode_per_s": rate(lambda: model.decode(codes))}
+            out[name] = {"encode_per_s": images_per_s(lambda: model.encode(x), batch, device, repeats),
+                         "decode_per_s": images_per_s(lambda: model.decode(codes), batch, device, repeats)}
     finally:
         Conv2d.inference_memory_format = default
     return out

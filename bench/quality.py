@@ -213,9 +213,8 @@ def main(argv=None) -> None:
         judged = [[shapes.check_image(im, s)] for im, (s, _) in zip(recon, scenes)]
         tops = [0] * len(judged)
         entry = {c: accuracy(judged, tops, c, "reranked") for c in columns}
-        entry["held_out_exact"] = accuracy(judged, tops, "exact", "reranked", held)
-        entry.update({k: accuracy(judged, tops, "exact", "reranked", idx)
-                      for k, idx in scene_kinds([s for s, _ in scenes]).items()})
+        recon_subsets = {"held_out_exact": held, **scene_kinds([s for s, _ in scenes])}
+        entry.update({k: accuracy(judged, tops, "exact", "reranked", idx) for k, idx in recon_subsets.items()})
         rows.append(["-", f"dVAE recon ({len(scenes)} real)"] + list(entry.values()))
     else:
         recon = reconstruct(pipe, np.stack([np.asarray(digits.upscale(s)) for s in val_scans]))
