@@ -34,6 +34,7 @@ PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "hubble_de
           "motorcycle_left.png", "motorcycle_right.png", "color.png", "ihc.png", "logo.png",
           "chessboard_RGB.png", "brick.png", "grass.png", "gravel.png")
 VAL_PHOTOS = ("chelsea.png", "rocket.jpg", "motorcycle_right.png")
+PLAN_SHARE = 0.97  # of the budget the step plan fills (evaluation follows)
 
 
 def model_config(a, image_size=64) -> DVAEConfig:
@@ -98,26 +99,54 @@ def random_crop(image: torch.Tensor, g: torch.Generator, size: int = 64) -> torc
 # ---- training and evaluation --------------------------------------------------------------------------
 
 def train(model: DiscreteVAE, next_batch, a, device) -> dict:
-    """AdamW + warm-up/cosine LR + grad clipping as in the engine; stops at a.steps or a.minutes."""
+    """AdamW + warm-up/cosine LR + grad clipping as in the engine; stops at a.steps or a.minutes.
+
+    With a budget-fitted plan (a.step_s set by fit_steps) the schedules follow the clock: each step
+    runs at the planned step its wall time corresponds to, so the relaxed phase, the decoder-only
+    phase and both LR cosines end on time even when steps run slower or faster than timed."""
     hard = model.config.hard_codes_from_step  # the LR schedule starts over for the decoder-only phase
     cfg = TrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, min_lr=a.lr / 10, warmup=a.warmup,
                       restart_at=hard or 0)
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+    budget = a.minutes * 60
+    planned = clock_schedule(a.steps, hard, getattr(a, "step_s", None), budget * PLAN_SHARE)
     model.train()
-    t0, step, parts = time.time(), 0, {}
-    while step < a.steps and time.time() - t0 < a.minutes * 60:
+    t0, step, relaxed, parts = time.time(), 0, 0, {}
+    while time.time() - t0 < budget:
+        at = planned(time.time() - t0) if planned else step
+        if at >= a.steps:
+            break
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        loss, parts = model(as_input(next_batch(), device), step=step)
+            group["lr"] = lr_at(at, cfg)
+        loss, parts = model(as_input(next_batch(), device), step=at)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         step += 1
+        relaxed += not model.hard_codes(at)
         if a.log_every and step % a.log_every == 0:
-            print(f"  step {step:5d}  {time.time() - t0:6.1f}s  loss {float(loss):.4f}  "
+            print(f"  step {step:5d} (plan {at:5d})  {time.time() - t0:6.1f}s  loss {float(loss):.4f}  "
                   + "  ".join(f"{k} {float(v):.3g}" for k, v in parts.items()), flush=True)
-    return {"steps": step, "train_s": time.time() - t0, "train_psnr": float(parts.get("psnr", float("nan")))}
+    return {"steps": step, "relaxed_steps": relaxed, "train_s": time.time() - t0,
+            "train_psnr": float(parts.get("psnr", float("nan")))}
+
+
+def clock_schedule(steps: int, hard, step_s, seconds: float):
+    """elapsed seconds -> planned step, piecewise linear so the relaxed phase takes its planned share
+    of `seconds` (from the timed seconds per relaxed and decoder-only step) and the plan ends at
+    `seconds`; None without timings (an explicit --steps runs step by step)."""
+    if not step_s:
+        return None
+    relaxed = hard or steps
+    t_relaxed = relaxed * step_s[0] / (relaxed * step_s[0] + (steps - relaxed) * step_s[1]) * seconds
+
+    def planned(elapsed: float) -> int:
+        if elapsed < t_relaxed or relaxed == steps:
+            return int(relaxed * elapsed / t_relaxed)
+        return int(relaxed + (steps - relaxed) * (elapsed - t_relaxed) / (seconds - t_relaxed))
+
+    return planned
 
 
 @torch.no_grad()
@@ -138,12 +167,15 @@ def evaluate(model: DiscreteVAE, images_u8: torch.Tensor, device, batch: int = 1
 
 def with_steps(a, device, next_batch):
     """`a` with a.steps set (from the time budget when it is 0) and the KL / temperature steps scaled to it."""
-    return a if a.steps else argparse.Namespace(**{**vars(a), "steps": fit_steps(a, device, next_batch)})
+    if a.steps:
+        return a
+    steps, step_s = fit_steps(a, device, next_batch)
+    return argparse.Namespace(**{**vars(a), "steps": steps, "step_s": step_s})
 
 
-def fit_steps(a, device, next_batch) -> int:
-    """Steps that fit a.minutes, from the time of 10 relaxed and 10 decoder-only steps of a throw-away
-    model (each after 3 warm-up)."""
+def fit_steps(a, device, next_batch) -> tuple[int, tuple]:
+    """(steps that fit a.minutes, (seconds a relaxed step, seconds a decoder-only step)), timed on 10
+    relaxed and 10 decoder-only steps of a throw-away model (each after 3 warm-up)."""
     model = DiscreteVAE(model_config(argparse.Namespace(**{**vars(a), "steps": 100}))).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr)
     per_step = []
@@ -158,10 +190,10 @@ def fit_steps(a, device, next_batch) -> int:
         float(loss.detach())  # waits for the device
         per_step.append((time.time() - t) / 10)
     mean = (1 - a.hard_codes) * per_step[0] + a.hard_codes * per_step[1]
-    steps = max(20, int(a.minutes * 60 * 0.97 / mean))
+    steps = max(20, int(a.minutes * 60 * PLAN_SHARE / mean))
     print(f"  {per_step[0] * 1000:.0f} ms a relaxed step, {per_step[1] * 1000:.0f} ms a decoder-only step -> "
           f"{steps} steps in {a.minutes} min", flush=True)
-    return steps
+    return steps, tuple(per_step)
 
 
 def bench_shapes(a, device) -> dict:
@@ -301,11 +333,11 @@ def main(argv=None) -> int:
         rows["shapes"] = bench_shapes(a, device)
     if "photos" in sections:
         rows["photos"] = bench_photos(a, device)
-    print(f"\n{'data':8s} {'steps':>6s} {'train s':>8s} {'val PSNR':>9s} {'perplexity':>11s} {'used':>6s} "
+    print(f"\n{'data':8s} {'steps':>6s} {'relaxed':>8s} {'train s':>8s} {'val PSNR':>9s} {'perplexity':>11s} {'used':>6s} "
           f"{'exact':>6s} {'color':>6s} {'shape':>6s} {'size':>6s} {'place':>6s}")
     for name, r in rows.items():
         extra = " ".join(f"{r[k]:6.3f}" if k in r else f"{'-':>6s}" for k in ("exact", "color", "shape", "size", "place"))
-        print(f"{name:8s} {r['steps']:6d} {r['train_s']:8.1f} {r['val_psnr']:9.2f} {r['perplexity']:11.1f} "
+        print(f"{name:8s} {r['steps']:6d} {r['relaxed_steps']:8d} {r['train_s']:8.1f} {r['val_psnr']:9.2f} {r['perplexity']:11.1f} "
               f"{r['used']:6.3f} {extra}")
 
     if "throughput" in sections:
