@@ -13,6 +13,8 @@
     decode rates of the small config in the default layout vs channels-last, back to back.
 The KL and temperature schedules are scaled to the relaxed steps (warm-up and anneal as fractions
 of them); the last --hard-codes share of --steps trains the decoder alone on argmax codes.
+With --steps 0 (the default) the step plan follows the wall clock, so every schedule ends within
+--minutes however fast the steps run.
 """
 
 from __future__ import annotations
