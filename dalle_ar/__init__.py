@@ -11,3 +11,28 @@ Stages (each importable alone):
 """
 
 __version__ = "0.1.0"
+
+# Public classes, imported on first use (as `from diffusers import ...`), so that `import dalle_ar`
+# and light commands do not pay for torch, transformers or tokenizers up front.
+_LAZY = {
+    "TextToImagePipeline": "pipeline", "PromptResult": "pipeline", "image_grid": "pipeline",
+    "DALLE": "dalle", "DALLEConfig": "dalle",
+    "DiscreteVAE": "dvae", "DVAEConfig": "dvae",
+    "CLIPReranker": "rerank",
+    "TextTokenizer": "tokenizer",
+}
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module 'dalle_ar' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
