@@ -111,7 +111,7 @@ def sample_logits(logits: torch.Tensor, u: torch.Tensor, temperature: float = 1.
     Uniforms drawn up front (not torch.multinomial) make sample b's draws independent of the
     batch size. Filtered tokens have probability exactly 0 and are never drawn.
     """
-    logits = logits.float() / temperature
+    logits = logits.float() if temperature == 1 else logits.float() / temperature
     vocab = logits.shape[-1]
     if top_k is not None and top_k < vocab:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]

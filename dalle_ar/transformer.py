@@ -188,20 +188,20 @@ class Transformer(nn.Module):
                 dense = kind == "full" and not cache.static
                 biases[kind] = None if dense else torch.zeros(mask.shape, dtype=like.dtype, device=like.device
                                                               ).masked_fill_(~mask, float("-inf"))
-            a, m = block.attn, block.mlp
+            a, m, ln1, ln2 = block.attn, block.mlp, block.ln1, block.ln2
             dim = a.qkv.in_features
             scale = torch.ones(3 * dim, 1, dtype=like.dtype, device=like.device)
             scale[:dim] = (dim // a.heads) ** -0.5
-            plan.append((block.ln1, (a.qkv.weight * scale).t(), a.qkv.bias * scale.flatten(), a.proj.weight.t(),
-                         a.proj.bias, block.ln2, m.fc.weight.t(), m.fc.bias, m.proj.weight.t(), m.proj.bias,
-                         cache.kv[i], biases[kind]))
+            plan.append((ln1.weight, ln1.bias, (a.qkv.weight * scale).t(), a.qkv.bias * scale.flatten(),
+                         a.proj.weight.t(), a.proj.bias, ln2.weight, ln2.bias, m.fc.weight.t(), m.fc.bias,
+                         m.proj.weight.t(), m.proj.bias, cache.kv[i], biases[kind]))
         return plan
 
     @torch.no_grad()
     def step(self, x: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
         """One decoding step: x [B, dim] at position pos (earlier ones in the cache) -> normed [B, dim].
 
-        Inference only. On CPU the step is a flat sequence of 14 ops a layer (no module calls, the
+        Inference only; x is the residual stream and is overwritten. On CPU the step is a flat sequence of 14 ops a layer (no module calls, the
         residual added in place by addmm, K and V written into the cache by one copy) over the
         written slots 0 .. pos; on CUDA, under autocast and with dropout in training mode it is the
         module path, `forward` with one position.
@@ -216,9 +216,9 @@ class Transformer(nn.Module):
         B, dim = x.shape
         _, _, _, heads, _, d = cache.kv.shape
         keys = self.max_len if cache.static else pos + 1
-        x = x.clone()  # the residual stream, updated in place below
-        for ln1, qkv_w, qkv_b, proj_w, proj_b, ln2, fc_w, fc_b, out_w, out_b, kv, bias in cache.plan:
-            h = F.layer_norm(x, (dim,), ln1.weight, ln1.bias, ln1.eps)
+        eps = self.norm.eps
+        for ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, fc_w, fc_b, out_w, out_b, kv, bias in cache.plan:
+            h = F.layer_norm(x, (dim,), ln1_w, ln1_b, eps)
             qkv = torch.addmm(qkv_b, h, qkv_w)
             kv[:, :, :, pos].copy_(qkv[:, dim:].view(B, 2, heads, d).transpose(0, 1))
             q = qkv[:, :dim].reshape(B * heads, 1, d)
@@ -226,9 +226,9 @@ class Transformer(nn.Module):
             att = torch.bmm(q, k) if bias is None else torch.baddbmm(bias[pos, :keys], q, k)
             y = torch.bmm(att.softmax(-1), kv[1, :, :, :keys].flatten(0, 1))
             x.addmm_(y.view(B, dim), proj_w).add_(proj_b)
-            h = torch.addmm(fc_b, F.layer_norm(x, (dim,), ln2.weight, ln2.bias, ln2.eps), fc_w)
+            h = torch.addmm(fc_b, F.layer_norm(x, (dim,), ln2_w, ln2_b, eps), fc_w)
             x.addmm_(torch._C._nn.gelu_(h), out_w).add_(out_b)
-        return F.layer_norm(x, (dim,), self.norm.weight, self.norm.bias, self.norm.eps)
+        return F.layer_norm(x, (dim,), self.norm.weight, self.norm.bias, eps)
 
     def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None, start: int = 0) -> torch.Tensor:
         """x [B, n, dim] at positions start .. start + n - 1 -> normed hidden states [B, n, dim].

@@ -137,7 +137,7 @@ def test_flat_cpu_step_equals_the_module_path(static):
         model.prefill(text, cache)
     for i in range(G * G - 1):
         x = model.embed_image(flat[:, i:i + 1], i)
-        fast = model.transformer.step(x[:, 0], caches[0], T + i)
+        fast = model.transformer.step(x[:, 0].clone(), caches[0], T + i)  # overwrites its input
         slow = model.transformer(x, caches[1], start=T + i)[:, 0]
         assert torch.allclose(fast, slow, atol=1e-5, rtol=0), (i, (fast - slow).abs().max())
     assert torch.allclose(caches[0].kv, caches[1].kv, atol=1e-5, rtol=0)
