@@ -261,6 +261,52 @@ def decode_efficiency(args, device, rows) -> dict:
     return eff
 
 
+# ---- threads ---------------------------------------------------------------------------------
+
+COMPETITOR = ("import torch, time; torch.set_num_threads({n}); a = torch.randn(512, 512)\n"
+              "end = time.time() + {seconds}\nwhile time.time() < end: a @ a")
+
+
+def threads_policy(args, device, rows) -> None:
+    """Wall time to sample 16 candidates (batch 16, 64 image tokens, the decode shape) with torch's
+    default thread count (all cores), the `dalle_ar.threads` policy's pick and 1 thread, first as
+    the machine is, then beside a competing process that keeps every core busy with matmuls."""
+    import subprocess
+    import sys
+
+    from dalle_ar import threads as th
+
+    shape = argparse.Namespace(dim=256, depth=4, heads=8, text_vocab=1000, text_len=32, image_vocab=512,
+                               attn_types="full", conv_kernel=5)
+    model = make_model(shape, 8, device).eval()
+    text = torch.randint(1, 1000, (1, 32), generator=torch.Generator().manual_seed(1)).expand(16, -1)
+    cores, before = th.available_cores(), torch.get_num_threads()
+
+    def timed(n):
+        torch.set_num_threads(n)
+        model.generate(text[:2], top_k=51)  # warm-up at this thread count
+        t = time.perf_counter()
+        model.generate(text, top_k=51, generator=torch.Generator().manual_seed(0))
+        return time.perf_counter() - t
+
+    for label in ("as is", "competing"):
+        proc = None
+        if label == "competing":
+            proc = subprocess.Popen([sys.executable, "-c", COMPETITOR.format(n=cores, seconds=300)])
+            time.sleep(3)
+        try:
+            pick = th.pick_threads(warn=False)
+            load = th.load_average()
+            times = {f"default {cores}": timed(cores), f"policy {pick}": timed(pick), "1": timed(1)}
+        finally:
+            if proc is not None:
+                proc.kill()
+                proc.wait()
+        rows.append((f"16 candidates, {label} (load {load:.1f}, {cores} cores)",
+                     *(f"{k} thr: {v:.2f} s" for k, v in times.items())))
+    torch.set_num_threads(before)
+
+
 def train_flops_per_step(model: DALLE, batch: int) -> float:
     c = model.config
     seq = c.text_len + model.num_image_tokens - 1
@@ -289,7 +335,8 @@ def main(argv=None) -> None:
     p.add_argument("--matmul-sizes", default="1024,2048", help="matmul sizes for the reference rate")
     p.add_argument("--sections", default="decode,sample,train",
                    help="comma-separated: decode (efficiency at the issue-20 shape), sample (cache vs recompute), "
-                        "train (throughput and MFU)")
+                        "train (throughput and MFU), threads (the thread policy idle and beside a competing "
+                        "process; not in the default set)")
     p.add_argument("--decode-reps", type=int, default=3, help="interleaved timings per decode row (best kept)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's, or 1 when the CPU is already busy)")
@@ -305,7 +352,7 @@ def main(argv=None) -> None:
     mem = PeakMemory(device)
     rows = []
     sections = set(args.sections.split(","))
-    unknown = sections - {"decode", "sample", "train"}
+    unknown = sections - {"decode", "sample", "train", "threads"}
     if unknown:
         p.error(f"--sections: unknown {sorted(unknown)}")
 
@@ -325,6 +372,12 @@ def main(argv=None) -> None:
               "no guidance; before = the previous release's step, efficiency = matmul-only time / step time; "
               + ("clock: process CPU time (1 thread)" if step_clock() is time.process_time and not cuda else "clock: wall"))
         print_table(("run", "before -> after", "reference", "efficiency", "throughput"), decode_rows)
+
+    if "threads" in sections and not cuda:
+        thread_rows = []
+        threads_policy(args, device, thread_rows)
+        print("# threads: wall time of DALLE.generate, 16 candidates x 64 tokens (the decode shape)")
+        print_table(("run", "torch default", "dalle_ar.threads policy", "one thread"), thread_rows)
 
     # ---- sampling --------------------------------------------------------------------------
     sample_args = argparse.Namespace(**{**vars(args), "dim": args.sample_dim})

@@ -175,13 +175,16 @@ class Transformer(nn.Module):
             return mask[start:start + 1], False  # a static decoding step: every slot, one shape
         return mask[start:start + n, :start + n], False
 
-    def _step_plan(self, cache: KVCache, like: torch.Tensor) -> list:
-        """Per layer, the tensors `step` uses, looked up once per cache: LayerNorm weights, the QKV
-        weight with the attention scale folded into its query rows, transposed projections (for
-        in-place residual addmm), the cache's views of the layer and an additive mask (None for
-        dense attention over the written slots)."""
+    def _step_plan(self, cache: KVCache, like: torch.Tensor) -> tuple:
+        """What `step` uses, built once per cache: per layer the LayerNorm weights, the QKV weight
+        with the attention scale folded into its query rows, transposed projections (for in-place
+        residual addmm), views of the layer's cache slots (slot-major for the write, [B*heads, ...]
+        for attention) and its mask kind; then step-sized buffers and their views, so that a step
+        allocates only the outputs of LayerNorm, attention scores and softmax."""
         biases = {}
-        plan = []
+        layers = []
+        B, heads, d = cache.kv.shape[2], cache.kv.shape[3], cache.kv.shape[5]
+        dim = heads * d
         for i, (block, kind) in enumerate(zip(self.blocks, self.kinds)):
             if kind not in biases:
                 mask = getattr(self, f"mask_{kind}")
@@ -189,22 +192,29 @@ class Transformer(nn.Module):
                 biases[kind] = None if dense else torch.zeros(mask.shape, dtype=like.dtype, device=like.device
                                                               ).masked_fill_(~mask, float("-inf"))
             a, m, ln1, ln2 = block.attn, block.mlp, block.ln1, block.ln2
-            dim = a.qkv.in_features
             scale = torch.ones(3 * dim, 1, dtype=like.dtype, device=like.device)
-            scale[:dim] = (dim // a.heads) ** -0.5
-            plan.append((ln1.weight, ln1.bias, (a.qkv.weight * scale).t(), a.qkv.bias * scale.flatten(),
-                         a.proj.weight.t(), a.proj.bias, ln2.weight, ln2.bias, m.fc.weight.t(), m.fc.bias,
-                         m.proj.weight.t(), m.proj.bias, cache.kv[i], biases[kind]))
-        return plan
+            scale[:dim] = d ** -0.5
+            kv = cache.kv[i]  # [2, B, heads, max_len, d]
+            layers.append((ln1.weight, ln1.bias, (a.qkv.weight * scale).t(), a.qkv.bias * scale.flatten(),
+                           a.proj.weight.t(), a.proj.bias, ln2.weight, ln2.bias, m.fc.weight.t(), m.fc.bias,
+                           m.proj.weight.t(), m.proj.bias, kv.permute(3, 0, 1, 2, 4),
+                           kv[0].flatten(0, 1).transpose(1, 2), kv[1].flatten(0, 1), kind))
+        qkv = like.new_empty(B, 3 * dim)
+        q = like.new_empty(B * heads, 1, d)
+        hidden = like.new_empty(B, self.blocks[0].mlp.fc.out_features)
+        buffers = (qkv, q, q.view(B, heads, d), qkv[:, :dim].view(B, heads, d),
+                   qkv[:, dim:].view(B, 2, heads, d).transpose(0, 1), hidden)
+        return layers, biases, buffers
 
     @torch.no_grad()
     def step(self, x: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
         """One decoding step: x [B, dim] at position pos (earlier ones in the cache) -> normed [B, dim].
 
-        Inference only; x is the residual stream and is overwritten. On CPU the step is a flat sequence of 14 ops a layer (no module calls, the
-        residual added in place by addmm, K and V written into the cache by one copy) over the
-        written slots 0 .. pos; on CUDA, under autocast and with dropout in training mode it is the
-        module path, `forward` with one position.
+        Inference only; x is the residual stream and is overwritten. On CPU the step is a flat
+        sequence of ~14 ops a layer (no module calls, K and V written into the cache by one copy,
+        the residual added in place by addmm, preallocated buffers) over the written slots
+        0 .. pos (all slots with a static cache); on CUDA, under autocast and with dropout in
+        training mode it is the module path, `forward` with one position.
         """
         if (x.is_cuda or torch.is_autocast_enabled(x.device.type) or cache.kv is None
                 or (self.training and any(b.attn.dropout for b in self.blocks))):
@@ -213,21 +223,23 @@ class Transformer(nn.Module):
             raise ValueError(f"position {pos} exceeds max_len={self.max_len}")
         if cache.plan is None:
             cache.plan = self._step_plan(cache, x)
-        B, dim = x.shape
-        _, _, _, heads, _, d = cache.kv.shape
+        layers, biases, (qkv, q, q_heads, q_src, kv_src, hidden) = cache.plan
+        dim = x.shape[1]
         keys = self.max_len if cache.static else pos + 1
         eps = self.norm.eps
-        for ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, fc_w, fc_b, out_w, out_b, kv, bias in cache.plan:
-            h = F.layer_norm(x, (dim,), ln1_w, ln1_b, eps)
-            qkv = torch.addmm(qkv_b, h, qkv_w)
-            kv[:, :, :, pos].copy_(qkv[:, dim:].view(B, 2, heads, d).transpose(0, 1))
-            q = qkv[:, :dim].reshape(B * heads, 1, d)
-            k = kv[0, :, :, :keys].flatten(0, 1).transpose(1, 2)
-            att = torch.bmm(q, k) if bias is None else torch.baddbmm(bias[pos, :keys], q, k)
-            y = torch.bmm(att.softmax(-1), kv[1, :, :, :keys].flatten(0, 1))
-            x.addmm_(y.view(B, dim), proj_w).add_(proj_b)
-            h = torch.addmm(fc_b, F.layer_norm(x, (dim,), ln2_w, ln2_b, eps), fc_w)
-            x.addmm_(torch._C._nn.gelu_(h), out_w).add_(out_b)
+        rows = {kind: None if b is None else b[pos, :keys] for kind, b in biases.items()}
+        for ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, fc_w, fc_b, out_w, out_b, \
+                slots, k_all, v_all, kind in layers:
+            torch.addmm(qkv_b, F.layer_norm(x, (dim,), ln1_w, ln1_b, eps), qkv_w, out=qkv)
+            slots[pos].copy_(kv_src)
+            q_heads.copy_(q_src)
+            bias = rows[kind]
+            k = k_all.narrow(2, 0, keys)
+            att = torch.bmm(q, k) if bias is None else torch.baddbmm(bias, q, k)
+            y = torch.bmm(att.softmax(-1), v_all.narrow(1, 0, keys))
+            x.addmm_(y.view(-1, dim), proj_w).add_(proj_b)
+            torch.addmm(fc_b, F.layer_norm(x, (dim,), ln2_w, ln2_b, eps), fc_w, out=hidden)
+            x.addmm_(torch._C._nn.gelu_(hidden), out_w).add_(out_b)
         return F.layer_norm(x, (dim,), self.norm.weight, self.norm.bias, eps)
 
     def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None, start: int = 0) -> torch.Tensor:
