@@ -232,6 +232,24 @@ def test_guidance():
     assert not codes.equal(model.generate(text, top_k=1))
 
 
+def test_null_text_and_callback():
+    model = make(MIXED)
+    text = batch()[0]
+    null = torch.zeros_like(text)
+    guided = model.generate(text, guidance_scale=2.0, generator=seeded(4))
+    assert guided.equal(model.generate(text, guidance_scale=2.0, null_text=null, generator=seeded(4)))
+    other = torch.full_like(text, 7)
+    codes = model.generate(text, guidance_scale=2.0, top_k=1, null_text=other, generator=seeded(4))
+    _, cond = model.logits(text, codes)
+    _, uncond = model.logits(other, codes)
+    assert (uncond + 2.0 * (cond - uncond)).argmax(-1).equal(codes.flatten(1))
+    seen = []
+    out = model.generate(text, prime=batch()[1][:, :1], generator=seeded(0),
+                         callback=lambda i, c: seen.append((i, c[:, i].clone())))
+    assert [i for i, _ in seen] == list(range(G, G * G))
+    assert all(tok.equal(out.flatten(1)[:, i]) for i, tok in seen)
+
+
 def test_priming_keeps_rows_and_continues():
     model = make(MIXED)
     text, prime_codes = batch()
@@ -344,6 +362,9 @@ GOOD_TEXT = torch.ones(2, T, dtype=torch.long)
     (dict(text=torch.full((2, T), 40)), "text"),
     (dict(text=torch.full((2, T), -1)), "text"),
     (dict(text=[[1] * T]), "text"),
+    (dict(null_text=torch.ones(3, T, dtype=torch.long)), "null_text"),
+    (dict(null_text=torch.full((2, T), 40)), "null_text"),
+    (dict(callback=3), "callback"),
 ])
 def test_generate_rejects_invalid_arguments(kwargs, name):
     model = make()
