@@ -4,8 +4,9 @@ and the server.
 On a CPU shared with other jobs, OpenMP threads that outnumber the free cores spin in barriers
 waiting for descheduled peers, and small ops (a decoding step is ~70 of them) get many times
 slower. So the default takes the cores this process may run on (`os.sched_getaffinity`, which
-honours `taskset`, cgroups' cpusets and SLURM's binding) minus those the load average says are
-busy, at least 1, and warns when the machine is busy. An explicit count (`num_threads=`,
+honours `taskset`, cgroups' cpusets and SLURM's binding), shared by the processes of one launch on
+the node (`LOCAL_WORLD_SIZE`, set by torchrun and the deepspeed launcher), less those the 1-minute
+load average says are busy, at least 1, and warns once when the machine is busy. An explicit count (`num_threads=`,
 `--threads N`) or a set `OMP_NUM_THREADS` is obeyed as given.
 """
 
@@ -57,7 +58,9 @@ def pick_threads(num_threads: Optional[int] = None, *, warn: bool = True) -> int
         return torch.get_num_threads()  # the user chose, through the environment
     global _warned_busy
     load = load_average()
-    threads = max(1, min(cores, cores - int(load)))
+    # Processes of one launch on this node (torchrun / deepspeed set LOCAL_WORLD_SIZE) share the cores.
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    threads = max(1, min(cores // max(local, 1), cores - int(load)))
     if load >= cores and warn and not _warned_busy:
         _warned_busy = True  # once a process: a server or a long run would repeat it at every call
         log.warning("the CPU is busy (load average %.1f on %d cores): using %d thread(s); pass "

@@ -377,6 +377,10 @@ def test_threads_policy(monkeypatch, pipe):
         monkeypatch.setattr(th, "load_average", lambda load=load: load)
         assert th.pick_threads() == want
     assert th.pick_threads(3) == 3
+    monkeypatch.setattr(th, "load_average", lambda: 0.0)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two processes of one launch share the 4 cores
+    assert th.pick_threads() == 2
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert th.pick_threads() == torch.get_num_threads()
     for bad in (0, -1, 1.5, True, "2"):
