@@ -1,6 +1,7 @@
 """The data stage: WebDataset shards in, batches out; shard writers; the built-in sets.
 
-    expand_shards, write_samples, write_folder, write_csv, iter_raw_samples   (dalle_ar.data.shards)
+    expand_shards, write_samples, write_folder, write_csv, iter_raw_samples,
+    shards_have_codes, tar_samples                                           (dalle_ar.data.shards)
     ShardLoader, preprocess_image                                             (dalle_ar.data.loader)
     shapes.generate_shapes, digits.generate_digits                            (built-in sets)
 
@@ -11,7 +12,8 @@ import importlib
 
 _EXPORTS = {
     "expand_shards": "shards", "write_samples": "shards", "write_folder": "shards", "write_csv": "shards",
-    "iter_raw_samples": "shards", "ShardLoader": "loader", "preprocess_image": "loader",
+    "iter_raw_samples": "shards", "shards_have_codes": "shards", "tar_samples": "shards",
+    "ShardLoader": "loader", "preprocess_image": "loader",
 }
 
 __all__ = sorted(_EXPORTS) + ["shapes", "digits"]
@@ -20,6 +22,6 @@ __all__ = sorted(_EXPORTS) + ["shapes", "digits"]
 def __getattr__(name):
     if name in _EXPORTS:
         return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    if name in ("shapes", "digits", "shards", "loader", "cli"):
+    if name in ("shapes", "digits", "shards", "loader"):
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

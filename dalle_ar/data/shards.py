@@ -25,8 +25,11 @@ import tarfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import braceexpand
 import numpy as np
 from PIL import Image
+from webdataset import TarWriter
+from webdataset.tariterators import base_plus_ext, group_by_keys, url_opener
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +42,6 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".ti
 def expand_shards(shards) -> list[str]:
     """Shard paths/URLs from a brace pattern ("d/x-{000000..000009}.tar"), a glob, a directory
     (its *.tar files), a `pipe:` URL, or a list of any of these."""
-    import braceexpand
-
     if isinstance(shards, (str, os.PathLike)):
         s = str(shards)
         if s.startswith("pipe:"):
@@ -103,8 +104,6 @@ def _tar_members(sources: Iterable[dict], handler) -> Iterator[dict]:
     must end with its end-of-archive block; if it does not, or reading fails, the incomplete
     last sample is dropped and the error goes to `handler` (which counts it).
     """
-    from webdataset.tariterators import base_plus_ext
-
     for source in sources:
         url, pending = source["url"], []
         try:
@@ -131,8 +130,6 @@ def _tar_members(sources: Iterable[dict], handler) -> Iterator[dict]:
 
 def tar_samples(urls: Iterable[str], handler) -> Iterator[dict]:
     """Raw webdataset samples ({"__key__", "__url__", ext: bytes}) from shard URLs, in order."""
-    from webdataset.tariterators import group_by_keys, url_opener
-
     streams = url_opener((dict(url=u) for u in urls), handler=handler)
     return group_by_keys(_tar_members(streams, handler), handler=handler)
 
@@ -221,6 +218,15 @@ def iter_raw_samples(shards, *, skipped: dict | None = None, decode_images: bool
         yield sample
 
 
+def shards_have_codes(shards) -> bool:
+    """True if the first sample of the first shard carries pre-encoded `codes.npy` (`dalle-ar encode`)."""
+    first = expand_shards(shards)[0]
+    if first.startswith("pipe:"):
+        return False
+    sample = next(iter_raw_samples(first, decode_images=False), None)
+    return sample is not None and sample["codes"] is not None
+
+
 # ---- writing ------------------------------------------------------------------------------------
 
 def _clean_key(key) -> str:
@@ -299,8 +305,6 @@ class _AtomicShards:
         self.count = 0
 
     def write(self, entry: dict) -> None:
-        from webdataset import TarWriter
-
         if self.tar is None:
             name = f"{self.prefix}-{len(self.names):06d}.tar"
             self.names.append(name)

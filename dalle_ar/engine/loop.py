@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+from tqdm import tqdm
 
 from .checkpoint import Checkpoints, RunState, seed_everything, set_rng_state, tag_of
 from .config import TrainConfig, lr_at
@@ -175,7 +176,6 @@ class Meter:
                 from torch.utils.tensorboard import SummaryWriter  # loads TensorBoard only when asked for
                 self.writer = SummaryWriter(str(out / "tb"))
             if cfg.progress and sys.stderr.isatty():
-                from tqdm import tqdm
                 self.bar = tqdm(total=cfg.steps, initial=start_step, unit="step", dynamic_ncols=True)
         self.say = (self.bar.write if self.bar else lambda s: print(s, flush=True)) if rank == 0 else (lambda s: None)
         self.t0, self.step0 = time.time(), start_step
