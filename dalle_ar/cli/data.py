@@ -52,14 +52,14 @@ def _report(out, summary: dict) -> int:
 
 
 def _folder(args) -> int:
-    from dalle_ar.data.shards import write_folder
+    from dalle_ar.data.writers import write_folder
 
     return _report(args.out, write_folder(args.src, args.out, shard_size=args.shard_size, resize=args.resize,
                                           prefix=args.prefix))
 
 
 def _csv(args) -> int:
-    from dalle_ar.data.shards import write_csv
+    from dalle_ar.data.writers import write_csv
 
     return _report(args.out, write_csv(args.file, args.out, shard_size=args.shard_size, resize=args.resize,
                                        prefix=args.prefix))

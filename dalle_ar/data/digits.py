@@ -13,7 +13,7 @@ import random
 import numpy as np
 from PIL import Image
 
-from .shards import write_samples
+from .writers import write_samples
 
 SIZE = 64
 MARGIN = 6  # black border, so strokes do not touch the frame

@@ -14,7 +14,8 @@ import re
 import numpy as np
 from PIL import Image
 
-from .shards import to_rgb, write_samples
+from .shards import to_rgb
+from .writers import write_samples
 
 CANVAS = 64
 PALETTE = {
