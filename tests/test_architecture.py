@@ -138,3 +138,10 @@ def test_demo_budget_choices_match_the_budgets():
     from dalle_ar.demo import BUDGETS
 
     assert sorted(BUDGET_NAMES) == sorted(BUDGETS)
+
+
+def test_every_stage_is_offered_by_the_cli():
+    from dalle_ar.train import STAGE_NAMES
+    from dalle_ar.train.stages import STAGES
+
+    assert list(STAGE_NAMES) == list(STAGES)

@@ -224,7 +224,7 @@ class DVAEStage(Stage):
         return model_cfg, train_cfg, dataclasses.replace(data_cfg, image_size=model_cfg.image_size)
 
     def build_model(self):
-        self.codes = []
+        self.val_codes = []  # every val batch's codes, for codebook usage
         return DiscreteVAE(self.model_cfg)
 
     def loss_fn(self, model, batch, step):
@@ -242,12 +242,12 @@ class DVAEStage(Stage):
     def eval_batch(self, model, batch):
         x = batch["image"].to(next(model.parameters()).device)
         codes = model.encode(x)
-        self.codes.append(codes.cpu())
+        self.val_codes.append(codes.cpu())
         return {"psnr": psnr(model.decode(codes).float(), x)}, x.shape[0]
 
     def eval_summary(self, n):
-        usage = codebook_usage(torch.cat(self.codes), self.model_cfg.vocab_size) if self.codes else {}
-        self.codes = []
+        usage = codebook_usage(torch.cat(self.val_codes), self.model_cfg.vocab_size) if self.val_codes else {}
+        self.val_codes = []
         return {"val_images": n, **{f"codebook_{k}": float(v) for k, v in usage.items()}}
 
 
@@ -275,7 +275,7 @@ class DALLEStage(Stage):
     def build_model(self):
         self.tokenizer = TextTokenizer.from_pretrained(self.data.tokenizer)
         self.dvae = DiscreteVAE.from_pretrained(self.data.dvae).eval().requires_grad_(False)
-        self.codes = shards_have_codes(self.train_shards)
+        self.codes = shards_have_codes(self.train_shards)  # pre-encoded by `dalle-ar encode`
         return DALLE(self.model_cfg)
 
     def loader_kwargs(self):

@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from .common import parse_args, split_shards
+from dalle_ar.train import STAGE_NAMES
 
-STAGE_NAMES = ("dvae", "dalle", "clip")
+from .common import parse_args, split_shards
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
