@@ -41,7 +41,7 @@ def train(model: torch.nn.Module, loss_fn, make_batches, cfg: TrainConfig, out_d
     on_step, on_checkpoint, skipped_counts = (_hook(hooks, n) for n in ("on_step", "on_checkpoint", "skipped_counts"))
 
     ckpts = Checkpoints(out / "checkpoints", cfg, rank, world_size)
-    state, rng = ckpts.start(engine, resume, say=print if rank == 0 else (lambda s: None))
+    state, rng = ckpts.start(engine, resume, say=(lambda s: print(s, flush=True)) if rank == 0 else (lambda s: None))
     meter = Meter(cfg, out, rank, world_size, state.step, skipped_counts)
     stepper = _Stepper(engine, loss_fn, cfg, world_size, meter.say)
     stop, start_step, interrupted, export_dir, ok = _StopFlag(), state.step, False, None, False
