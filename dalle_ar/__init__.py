@@ -6,8 +6,15 @@ Stages (each importable alone):
     dalle_ar.dvae        discrete VAE: images <-> codebook indices
     dalle_ar.dalle       decoder-only transformer prior over [text ; image] tokens
     dalle_ar.rerank      CLIP reranking of candidates
-    dalle_ar.pipeline    prompts in, reranked images out
+    dalle_ar.clip        our small CLIP (trained by the clip stage) and its loss
+    dalle_ar.pipeline    prompts in, reranked images out (dalle_ar.generate: folders of them)
+    dalle_ar.threads     how many CPU threads torch uses (one policy for every command)
     dalle_ar.engine      the one DeepSpeed training loop
+    dalle_ar.train       the stages that train through it, and the shipped configs
+    dalle_ar.cli         the `dalle-ar` command (the only argument parser)
+
+Shared helpers: dalle_ar.io (configs, safetensors, atomic writes), dalle_ar.checks (argument
+checks), dalle_ar.images (to_pil, image_grid). Module map and import rules: docs/architecture.md.
 """
 
 __version__ = "0.1.0"
@@ -15,7 +22,7 @@ __version__ = "0.1.0"
 # Public classes, imported on first use (as `from diffusers import ...`), so that `import dalle_ar`
 # and light commands do not pay for torch, transformers or tokenizers up front.
 _LAZY = {
-    "TextToImagePipeline": "pipeline", "PromptResult": "pipeline", "image_grid": "pipeline",
+    "TextToImagePipeline": "pipeline", "PromptResult": "pipeline", "image_grid": "images", "to_pil": "images",
     "DALLE": "dalle", "DALLEConfig": "dalle",
     "DiscreteVAE": "dvae", "DVAEConfig": "dvae",
     "CLIPReranker": "rerank",

@@ -20,7 +20,7 @@ import shutil
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -28,9 +28,13 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import __version__
+from .dalle import DALLE
+from .dvae import DiscreteVAE
+from .images import image_grid, to_pil  # noqa: F401  (image_grid: dalle_ar.pipeline API, docs/api.md)
 from .io import atomic_path, write_json
-from .rerank import CONSENSUS, check_consensus
+from .rerank import CONSENSUS, CLIPReranker, check_consensus
 from .threads import check_threads, threads
+from .tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -64,26 +68,6 @@ class PromptResult:
     candidates: Optional[list] = None  # all N candidates in sampling order, on request (same type as images)
     candidate_scores: Optional[list] = None
     codes: Optional[list] = None       # the kept images' code grids, Long[grid, grid]
-
-
-def to_pil(images: torch.Tensor) -> list:
-    """float [B,3,H,W] in [0,1] -> list of RGB PIL images."""
-    arr = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(a) for a in arr]
-
-
-def image_grid(rows: Sequence[Sequence[Image.Image]], pad: int = 2) -> Image.Image:
-    """Contact sheet: one row per list, images of one size, black padding."""
-    rows = [list(r) for r in rows if len(r)]
-    if not rows:
-        raise ValueError("image_grid: rows is empty")
-    w, h = rows[0][0].size
-    ncol = max(len(r) for r in rows)
-    sheet = Image.new("RGB", (ncol * (w + pad) + pad, len(rows) * (h + pad) + pad))
-    for i, row in enumerate(rows):
-        for j, im in enumerate(row):
-            sheet.paste(im.convert("RGB").resize((w, h)), (pad + j * (w + pad), pad + i * (h + pad)))
-    return sheet
 
 
 def check_prompts(prompts) -> list[str]:
@@ -172,15 +156,9 @@ class TextToImagePipeline:
                               num_threads: Optional[int] = None, card: Optional[dict] = None
                               ) -> "TextToImagePipeline":
         """Join separately trained parts (directories); without `clip` there is no reranking."""
-        from .dalle import DALLE
-        from .dvae import DiscreteVAE
-        from .tokenizer import TextTokenizer
-
         torch_dtype = check_dtype(torch_dtype)
         reranker = None
         if clip is not None:
-            from .rerank import CLIPReranker
-
             reranker = CLIPReranker.from_pretrained(clip, device=device)
         return cls(TextTokenizer.from_pretrained(tokenizer), DiscreteVAE.from_pretrained(dvae),
                    DALLE.from_pretrained(dalle), reranker, device=device, torch_dtype=torch_dtype,
