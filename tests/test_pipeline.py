@@ -398,3 +398,36 @@ def test_threads_policy(monkeypatch, pipe):
     finally:
         pipe.num_threads = None
     assert set(seen) == {1} and torch.get_num_threads() == before
+
+
+def test_generate_cli_image_completion_threads_and_errors(pipe_dir, pipe, tmp_path, capsys):
+    from PIL import Image
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("red circle\n")
+    rng = torch.Generator().manual_seed(2)
+    image = Image.fromarray((torch.rand(32, 32, 3, generator=rng) * 255).to(torch.uint8).numpy())
+    image.save(tmp_path / "init.png")
+    base = ["generate", "--model", str(pipe_dir), "--prompts", str(prompts), "--candidates", "2", "--keep", "2",
+            "--device", "cpu"]
+    assert cli_main([*base, "--out", str(tmp_path / "o"), "--init-image", str(tmp_path / "init.png"),
+                     "--keep-rows", "3", "--threads", "1", "--guidance-scale", "2",
+                     "--negative-prompt", "blue square"]) == 0
+    rows = [json.loads(r) for r in (tmp_path / "o" / "prompts.jsonl").read_text().splitlines()]
+    pipe.num_threads = 1
+    try:  # the same as the library call (prompt on line 1: seed 0 + 1)
+        (lib,) = pipe(["red circle"], num_candidates=2, keep=2, seed=1, init_image=image, keep_rows=3,
+                      guidance_scale=2.0, negative_prompt="blue square", progress=False)
+    finally:
+        pipe.num_threads = None
+    assert all(c[:3].equal(pipe.encode_image(image)[:3]) for c in lib.codes)
+    assert [list(Image.open(tmp_path / "o" / r["image"]).getdata()) for r in rows] == \
+        [list(im.getdata()) for im in lib.images]
+    for extra, message in ((["--keep-rows", "2"], "--keep-rows needs --init-image"),
+                           (["--init-image", str(tmp_path / "none.png")], "init_image"),
+                           (["--init-image", str(prompts)], "init_image"),
+                           (["--init-image", str(tmp_path / "init.png"), "--keep-rows", "8"], "keep_rows"),
+                           (["--dtype", "int8"], "torch_dtype")):
+        assert cli_main([*base, "--out", str(tmp_path / "bad"), *extra]) == 2
+        err = [ln for ln in capsys.readouterr().err.splitlines() if "error:" in ln]
+        assert len(err) == 1 and err[0].startswith("dalle-ar generate: error:") and message in err[0], err

@@ -19,3 +19,19 @@ def split_shards(text):
     if text is None:
         return None
     return [s for s in text.split(",") if s] if "," in text and "{" not in text else text
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def add_threads_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                   help="CPU threads for torch (default: the cores this process may use, less the busy ones "
+                        "by load average, at least 1; a warning when the machine is busy)")
