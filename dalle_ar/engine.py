@@ -20,7 +20,8 @@ The contract for stage authors:
   ranks); write files only where `writer is not None` (rank 0):
     on_step(step, parts)               after each optimizer step, parts as floats (this rank's mean)
     on_checkpoint(step, model, writer) after each complete checkpoint; `model` is the module (eval
-                                       mode, no grad), `writer` the TensorBoard SummaryWriter or None
+                                       mode, no grad, full weights gathered under ZeRO-3), `writer`
+                                       the TensorBoard SummaryWriter or None
     skipped_counts() -> dict           the loader's skip counters; summed over ranks and logged
 - `out_dir` receives `checkpoints/step00001000/` (DeepSpeed checkpoints; a tag counts only once it
   holds the `complete` marker), `tb/` (TensorBoard), `export/` (config.json + model.safetensors, fp32).
@@ -33,6 +34,7 @@ SIGTERM/SIGINT finish the current step, checkpoint and return with summary["inte
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -746,7 +748,7 @@ def train(model: torch.nn.Module, loss_fn, make_batches, cfg: TrainConfig, out_d
         if (fn := _hook(hooks, "on_checkpoint")) is not None:
             was = engine.module.training
             engine.module.eval()
-            with torch.no_grad():
+            with torch.no_grad(), _gathered(engine.module, cfg):
                 fn(st["step"], engine.module, writer)
             engine.module.train(was)
             if writer:
@@ -889,6 +891,16 @@ def _log(cfg, st, window, hooks, writer, bar, say, world, lr, norm, engine):
     extra += f" skipped {skipped}" if any(skipped.values()) else ""
     say(f"[engine] step {st['step']}/{cfg.steps} {text} lr {lr:.3g}{extra} {rate:.1f} samples/s "
         f"epoch {st['epoch']} eta {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}")
+
+
+def _gathered(module, cfg):
+    """Under ZeRO-3, the module's full weights for the duration (collective: every rank enters), so that
+    hooks may use parameters outside a forward (sampling with a KV cache reads embeddings directly)."""
+    if cfg.zero_stage != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(module.parameters()))
 
 
 def _release(engine, cfg) -> None:
