@@ -124,3 +124,42 @@ def test_zero3_two_processes_export_the_dvae(data, env, tmp_path):
     load_export("dvae", out / "export")
     assert cli_main(["export", str(out), "--out", str(tmp_path / "again")]) == 0
     assert same_weights(out / "export", tmp_path / "again")
+
+
+# ---- 2. a SIGTERM to the whole process group, loader workers on -----------------------------------
+
+def wait_for_checkpoint(out, proc, timeout=240):
+    deadline = time.time() + timeout
+    while engine.latest_checkpoint(out / "checkpoints") is None:
+        assert proc.poll() is None, "training ended before its first checkpoint: " + proc.stdout.read()[-3000:]
+        assert time.time() < deadline, f"no checkpoint in {timeout} s"
+        time.sleep(0.2)
+
+
+@pytest.mark.slow  # ~50 s: two training processes
+def test_sigterm_to_the_process_group_with_loader_workers_checkpoints_and_exits_0(data, env, tmp_path):
+    """Finding 2: SLURM --signal, systemd and `kill -TERM -- -PGID` signal every process of the job,
+    DataLoader workers included. The workers ignore it; the main process finishes its step,
+    checkpoints and exits 0, and --resume continues from that step."""
+    out = tmp_path / "run"
+    args = stage_args(data, "dvae", out, "--steps", 100000, "--save-every", 2, "data.num_workers=2")
+    proc = subprocess.Popen([sys.executable, "-m", "dalle_ar.cli", *args], env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_checkpoint(out, proc)
+        time.sleep(1.0)  # the workers are up and busy
+        os.killpg(proc.pid, signal.SIGTERM)  # the whole group, as `kill -TERM -- -PGID`
+        text, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+    summary = json.loads(text[text.index("{\n"):])
+    stopped = summary["steps"]
+    assert summary["interrupted"] is True and 0 < stopped < 100000
+    assert engine.latest_checkpoint(out / "checkpoints") == f"step{stopped:08d}"
+    resumed = cli(*stage_args(data, "dvae", out, "--steps", stopped + 1, "--resume", "data.num_workers=2"),
+                  env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads(resumed.stdout[resumed.stdout.index("{\n"):])["start_step"] == stopped
