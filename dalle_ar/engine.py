@@ -18,6 +18,8 @@ The contract for stage authors:
   micro-batch; `cfg.grad_accum` of them make one optimizer step.
 - `hooks` (dict or object, every entry optional), called on EVERY rank (ZeRO-3 forwards need all
   ranks); write files only where `writer is not None` (rank 0):
+    on_start(step)                     once the engine has accepted the run (fresh, or its checkpoint
+                                       loaded), before the first step: a refused run writes nothing
     on_step(step, parts)               after each optimizer step, parts as floats (this rank's mean)
     on_checkpoint(step, model, writer) after each complete checkpoint; `model` is the module (eval
                                        mode, no grad, full weights gathered under ZeRO-3), `writer`
@@ -468,6 +470,33 @@ def _prune(ckpt_dir: Path, keep_last: int) -> None:
             shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
 
 
+def _param_shapes(module) -> dict:
+    """name -> shape of every parameter (the full shape under ZeRO-3, where the live tensor is a shard)."""
+    return {name: list(getattr(p, "ds_shape", p.shape)) for name, p in module.named_parameters()}
+
+
+def _check_resumable(tag_dir: Path, cfg: TrainConfig, world: int, shapes: dict) -> None:
+    """ValueError, before DeepSpeed reads a byte, if the checkpoint cannot continue this run: other
+    parameter shapes (a changed model config), or another batch size, accumulation or process count
+    (the saved data position counts batches, so it would point elsewhere in the data)."""
+    path = tag_dir / STATE_FILE
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    theirs = saved.get("param_shapes")
+    if theirs is not None and theirs != shapes:
+        bad = [f"{k} {theirs.get(k)} -> {shapes.get(k)}" for k in sorted(set(theirs) | set(shapes))
+               if theirs.get(k) != shapes.get(k)]
+        raise ValueError(f"--resume: checkpoint {tag_dir} holds another model ({len(bad)} parameter(s) differ, "
+                         f"e.g. {bad[:3]}); resume with the run's model config, or train into a new output directory")
+    old = saved.get("cfg", {})
+    then = (old.get("batch_size"), old.get("grad_accum"), saved.get("world_size"))
+    if None not in then and then != (cfg.batch_size, cfg.grad_accum, world):
+        raise ValueError(f"--resume: checkpoint {tag_dir} was written with train.batch_size={then[0]}, "
+                         f"train.grad_accum={then[1]} on {then[2]} process(es); this run has {cfg.batch_size}, "
+                         f"{cfg.grad_accum} on {world}. The saved data position counts batches, so it would not "
+                         f"continue where the run stopped: resume with the same values, or train into a new "
+                         f"output directory")
+
+
 # ---- batches -------------------------------------------------------------------------------------
 
 class _Batches:
@@ -549,6 +578,45 @@ def _save_export(model, state_dict: dict, out_dir) -> Path:
     return out_dir
 
 
+def _deepspeed_checkpoint_globals() -> list:
+    """The classes DeepSpeed 0.19's checkpoint files pickle besides tensors and plain containers, measured
+    with torch.serialization.get_unsafe_globals_in_checkpoint on ZeRO 0/1/2/3 x fp32/bf16 x 1/2 processes
+    (docs/checkpoints.md). Each is rebuilt from its fields; none runs code on load. DynamicLossScaler is
+    the fp16 twin of LossScaler (fp16 cannot run on a CPU to measure it)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler]
+
+
+@contextlib.contextmanager
+def weights_only_loads():
+    """Inside, every torch.load (DeepSpeed's too, which pass weights_only=False) is a weights_only load
+    allowing only `_deepspeed_checkpoint_globals()`: a run folder from elsewhere cannot run code here. A file
+    that asks for anything else is a ValueError naming the file and the global."""
+    import pickle
+
+    real = torch.load
+
+    def load(f, *args, **kwargs):
+        kwargs["weights_only"] = True
+        try:
+            return real(f, *args, **kwargs)
+        except pickle.UnpicklingError as e:
+            what = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", str(e))
+            raise ValueError(f"{f}: refused to unpickle {what.group(1) if what else 'it'}: checkpoint files may "
+                             f"hold tensors and DeepSpeed's own state only (a pickle can run code; see "
+                             f"docs/checkpoints.md)") from None
+
+    torch.load = load
+    try:
+        with torch.serialization.safe_globals(_deepspeed_checkpoint_globals()):
+            yield
+    finally:
+        torch.load = real
+
+
 def _state_dict_from_checkpoint(ckpt_dir: Path, tag: str) -> dict:
     """fp32 weights of one checkpoint tag, whatever the ZeRO stage that wrote it."""
     tag_dir = ckpt_dir / tag
@@ -561,7 +629,8 @@ def _state_dict_from_checkpoint(ckpt_dir: Path, tag: str) -> dict:
         return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    with weights_only_loads():
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
 
 
 def export_checkpoint(ckpt_dir, model: torch.nn.Module, out_dir, tag: Optional[str] = None) -> Path:
@@ -689,34 +758,48 @@ def train(model: torch.nn.Module, loss_fn, make_batches, cfg: TrainConfig, out_d
     # ---- state: fresh or resumed
     st = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "samples_seen": 0, "nonfinite": 0, "skipped_steps": 0}
     last_tag = rng = None
-    if resume:
-        last_tag = latest_checkpoint(ckpt)
-        if last_tag is None:
-            if rank == 0:
-                print(f"[engine] resume: no complete checkpoint in {ckpt}; starting fresh", flush=True)
-        else:
-            path, client = engine.load_checkpoint(str(ckpt), tag=last_tag)
-            if path is None:
-                raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt / last_tag}")
-            st.update({k: client[k] for k in st if k in client})
-            rank_file = ckpt / last_tag / f"rank{rank}.json"
-            if rank_file.is_file():  # this rank's RNG and data position
-                mine = json.loads(rank_file.read_text())
-                st.update(epoch=mine["epoch"], batch_in_epoch=mine["batch_in_epoch"])
-                rng = mine["rng"]  # restored after the data replay below, which may draw random numbers
-            if rank == 0:
-                print(f"[engine] resumed from {ckpt / last_tag}: step {st['step']}, epoch {st['epoch']}, "
-                      f"batch {st['batch_in_epoch']}", flush=True)
-        _barrier(world)
-        if rank == 0:  # interrupted writes are never resumed from; clear them
-            for _, tag, ok in _tags(ckpt):
-                if not ok:
-                    shutil.rmtree(ckpt / tag, ignore_errors=True)
+    try:  # a refused run frees its engine (another may start in this process)
+        if resume:
+            last_tag = latest_checkpoint(ckpt)
+            if last_tag is None:
+                if rank == 0:
+                    print(f"[engine] resume: no complete checkpoint in {ckpt}; starting fresh", flush=True)
+            else:
+                _check_resumable(ckpt / last_tag, cfg, world, _param_shapes(engine.module))
+                try:
+                    with weights_only_loads():
+                        path, client = engine.load_checkpoint(str(ckpt), tag=last_tag)
+                except RuntimeError as e:  # a checkpoint of older versions, which recorded no shapes
+                    if "state_dict" not in str(e) and "size mismatch" not in str(e):
+                        raise
+                    raise ValueError(f"checkpoint {ckpt / last_tag} does not fit this model (was the model config "
+                                     f"changed?): {str(e)[:400]}") from None
+                if path is None:
+                    raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt / last_tag}")
+                st.update({k: client[k] for k in st if k in client})
+                rank_file = ckpt / last_tag / f"rank{rank}.json"
+                if rank_file.is_file():  # this rank's RNG and data position
+                    mine = json.loads(rank_file.read_text())
+                    st.update(epoch=mine["epoch"], batch_in_epoch=mine["batch_in_epoch"])
+                    rng = mine["rng"]  # restored after the data replay below, which may draw random numbers
+                if rank == 0:
+                    print(f"[engine] resumed from {ckpt / last_tag}: step {st['step']}, epoch {st['epoch']}, "
+                          f"batch {st['batch_in_epoch']}", flush=True)
+            _barrier(world)
+            if rank == 0:  # interrupted writes are never resumed from; clear them
+                for _, tag, ok in _tags(ckpt):
+                    if not ok:
+                        shutil.rmtree(ckpt / tag, ignore_errors=True)
 
-    elif latest_checkpoint(ckpt) is not None:
-        raise ValueError(f"{ckpt} already holds checkpoints: pass resume=True (--resume) to continue that run, "
-                         f"or use a new output directory")
+        elif latest_checkpoint(ckpt) is not None:
+            raise ValueError(f"{ckpt} already holds checkpoints: pass resume=True (--resume) to continue that run, "
+                             f"or use a new output directory")
+    except BaseException:
+        engine.destroy()
+        raise
 
+    if (fn := _hook(hooks, "on_start")) is not None:  # the run is accepted: its metadata may be written now
+        fn(st["step"])
     writer = bar = None
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -740,7 +823,7 @@ def train(model: torch.nn.Module, loss_fn, make_batches, cfg: TrainConfig, out_d
                       str(ckpt / tag / FP32_FILE))
         _barrier(world)  # every rank's shards are on disk before the marker
         if rank == 0:
-            write_json(ckpt / tag / STATE_FILE, client)
+            write_json(ckpt / tag / STATE_FILE, dict(client, param_shapes=shapes))
             write_json(ckpt / tag / COMPLETE, {"step": st["step"], "time": time.time()})
             _prune(ckpt, cfg.keep_last)
         _barrier(world)
@@ -754,6 +837,7 @@ def train(model: torch.nn.Module, loss_fn, make_batches, cfg: TrainConfig, out_d
             if writer:
                 writer.flush()
 
+    shapes = _param_shapes(engine.module)
     stop = _StopFlag()
     first_loss = final_loss = grad_norm = None
     window = {"t": time.time(), "samples": 0, "steps": 0, "parts": {}, "t0": time.time(), "step0": st["step"]}

@@ -163,3 +163,86 @@ def test_sigterm_to_the_process_group_with_loader_workers_checkpoints_and_exits_
                   env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads(resumed.stdout[resumed.stdout.index("{\n"):])["start_step"] == stopped
+
+
+# ---- 3. a refused run leaves the run as it was -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def dvae_run(data, tmp_path_factory):
+    """A finished tiny dVAE run (ZeRO-0, 2 steps) through the CLI: (its args, its folder)."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    args = stage_args(data, "dvae", out, "--steps", 2, "--save-every", 2)
+    assert cli_main(args) == 0
+    return args, out
+
+
+def refused(args, capsys, *match):
+    """Run `dalle-ar ARGS` in this process: exit 2 with a `dalle-ar CMD: error:` line containing `match`."""
+    capsys.readouterr()
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err
+    line = next((x for x in err.splitlines() if x.startswith(f"dalle-ar {args[0]}: error:")), None)
+    assert line is not None and "Traceback" not in err, err[-2000:]
+    for m in match:
+        assert m in line, line
+    return line
+
+
+def test_a_refused_run_keeps_the_runs_stage_json(dvae_run, capsys, tmp_path):
+    """Finding 3: re-running into a finished run without --resume, or --resume with a changed model,
+    exits 2 with a clear error and leaves stage.json (and so `dalle-ar export`) as it was."""
+    args, out = dvae_run
+    before = (out / "stage.json").read_bytes()
+    refused([*args, "model.n_hid=16"], capsys, "already holds checkpoints")
+    assert (out / "stage.json").read_bytes() == before
+    refused([*args, "model.n_hid=16", "--resume"], capsys, "another model")
+    assert (out / "stage.json").read_bytes() == before
+    assert cli_main(["export", str(out), "--out", str(tmp_path / "export")]) == 0  # still the run's model
+    assert json.loads((tmp_path / "export" / "config.json").read_text())["n_hid"] == 8
+
+
+def test_resume_with_another_batch_size_is_refused(dvae_run, capsys):
+    """Finding 8: the saved data position counts batches; another batch size would silently move it."""
+    args, out = dvae_run
+    before = (out / "stage.json").read_bytes()
+    refused([*args, "--resume", "--steps", "3", "--batch-size", "4"], capsys, "batch_size=8", "this run has 4")
+    assert (out / "stage.json").read_bytes() == before
+
+
+# ---- 5. checkpoint pickles never run code ----------------------------------------------------------
+
+class Evil:
+    """Unpickling this runs a shell command (the classic pickle attack)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_checkpoint_pickles_never_run_code(data, capsys, tmp_path):
+    """Finding 5: DeepSpeed reads its files with torch.load(weights_only=False). Resuming and exporting
+    load them weights_only with an allow-list of DeepSpeed's classes: a real ZeRO-2 run resumes and
+    exports as before; a crafted file in a run folder is refused, by name, and runs nothing."""
+    import shutil
+
+    out = tmp_path / "run"
+    args = stage_args(data, "dvae", out, "--save-every", 1, "--deepspeed-config", config_path("zero2.json"))
+    assert cli_main([*args, "--steps", "1"]) == 0
+    assert cli_main([*args, "--steps", "2", "--resume"]) == 0  # the real files load weights_only
+    assert cli_main(["export", str(out), "--out", str(tmp_path / "export")]) == 0
+    tag = out / "checkpoints" / "step00000002"
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"):
+        run = tmp_path / f"crafted-{name[:6]}"
+        shutil.copytree(out, run)
+        marker = tmp_path / f"pwned-{name[:6]}"
+        state = torch.load(tag / name, map_location="cpu", weights_only=False)  # our own file: trusted
+        state["evil"] = Evil(marker)
+        torch.save(state, run / "checkpoints" / tag.name / name)
+        run_args = [*stage_args(data, "dvae", run, "--save-every", 1, "--deepspeed-config",
+                                config_path("zero2.json")), "--steps", "3", "--resume"]
+        refused(run_args, capsys, name, "refused to unpickle posix.system")
+        refused(["export", str(run), "--out", str(tmp_path / "x")], capsys, name, "refused to unpickle")
+        assert not marker.exists()
+        assert not (tmp_path / "x").exists()

@@ -418,13 +418,17 @@ def run_stage(stage: str, train_shards, out, *, val_shards=None, config_file=Non
     engine.seed_everything(train_cfg.seed)  # initial weights follow train.seed
     model = st.build_model()
     out.mkdir(parents=True, exist_ok=True)
-    if engine.is_rank0():
-        write_json(out / STAGE_FILE, {
-            "stage": stage, "train_shards": train_shards, "val_shards": val_shards,
-            "config": {"model": dataclasses.asdict(st.model_cfg), "train": dataclasses.asdict(train_cfg),
-                       "data": dataclasses.asdict(st.data)}})
+
+    def on_start(step):  # only once the engine accepted the run: a refused one leaves the old stage.json
+        if engine.is_rank0():
+            write_json(out / STAGE_FILE, {
+                "stage": stage, "train_shards": train_shards, "val_shards": val_shards,
+                "config": {"model": dataclasses.asdict(st.model_cfg), "train": dataclasses.asdict(train_cfg),
+                           "data": dataclasses.asdict(st.data)}})
+
     result = engine.train(model, st.loss_fn, st.make_batches, train_cfg, out,
-                          ds_config=engine.load_ds_config(ds_config, ds_over), hooks=st.hooks(), resume=resume)
+                          ds_config=engine.load_ds_config(ds_config, ds_over), hooks={**st.hooks(), "on_start": on_start},
+                          resume=resume)
     if result.get("export_dir") and engine.is_rank0():
         st.finish_export(Path(result["export_dir"]))
         metrics = st.evaluate(model)
