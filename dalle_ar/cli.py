@@ -45,15 +45,24 @@ def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace
     return args
 
 
+def run_command(command: str, fn, *args) -> int:
+    """fn(*args) as a command: bad input (ValueError, or an OSError such as a missing file or an --out that
+    is a file) is `dalle-ar COMMAND: error: ...` with exit 2; Ctrl-C is exit 130, both without a traceback."""
+    try:
+        return int(fn(*args) or 0)
+    except KeyboardInterrupt:
+        print(f"\ndalle-ar {command}: interrupted; what was written so far is kept (run the same command "
+              f"again to continue)", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as e:
+        print(f"dalle-ar {command}: error: {e}", file=sys.stderr)
+        return 2
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parse_args(parser, argv)
-    try:
-        rc = args.func(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"dalle-ar {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    return int(rc or 0)
+    return run_command(args.command, args.func, args)
 
 
 if __name__ == "__main__":

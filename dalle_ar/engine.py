@@ -285,7 +285,10 @@ def resolve_ds_config(cfg: TrainConfig, user_ds: Optional[dict] = None) -> tuple
         if value == "auto" or value == mine:
             continue
         if mine == getattr(defaults, field):
-            changes[field] = type(mine)(value)
+            try:
+                changes[field] = type(mine)(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"DeepSpeed config {key}={value!r}: expected {type(mine).__name__}") from None
         else:
             raise ValueError(f"DeepSpeed config sets {key}={value!r} but train.{field}={mine!r}; "
                              f"set one of them (or make the DeepSpeed value \"auto\")")
@@ -502,8 +505,9 @@ def _check_resumable(tag_dir: Path, cfg: TrainConfig, world: int, shapes: dict) 
 class _Batches:
     """make_batches(epoch) as one endless stream that knows its position (epoch, batch within it)."""
 
-    def __init__(self, make_batches, epoch: int = 0, batch_in_epoch: int = 0):
+    def __init__(self, make_batches, epoch: int = 0, batch_in_epoch: int = 0, skipped_counts=None):
         self.make_batches, self.epoch, self.batch_in_epoch = make_batches, epoch, 0
+        self.skipped_counts = skipped_counts  # the loader's skip counters, to say why an epoch was empty
         self.it = iter(make_batches(epoch))
         for _ in range(batch_in_epoch):  # resume: replay the part of the epoch already trained on
             self.next()
@@ -516,9 +520,20 @@ class _Batches:
                 return batch
             except StopIteration:
                 if fresh:
-                    raise ValueError(f"make_batches({self.epoch}) yielded no batches") from None
+                    raise ValueError(f"make_batches({self.epoch}) yielded no batches: {self._why_empty()}") from None
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
                 self.it = iter(self.make_batches(self.epoch))
+
+
+    def _why_empty(self) -> str:
+        skipped = {k: v for k, v in (self.skipped_counts() if self.skipped_counts else {}).items() if v}
+        if any(k.startswith("shard") for k in skipped):
+            return (f"shards were missing or unreadable and every sample was skipped (skipped so far: {skipped}); "
+                    f"check the shard paths")
+        if skipped:
+            return f"every sample was skipped as bad (skipped so far: {skipped}); check the data"
+        return ("the data holds no samples, or fewer than one batch per process (the last partial batch is "
+                "dropped in training): use more data or a smaller batch size")
 
 
 def _to_device(batch, device, dtype):
@@ -843,7 +858,8 @@ def train(model: torch.nn.Module, loss_fn, make_batches, cfg: TrainConfig, out_d
     window = {"t": time.time(), "samples": 0, "steps": 0, "parts": {}, "t0": time.time(), "step0": st["step"]}
     start_step, consecutive, interrupted, ok = st["step"], 0, False, False
     try:
-        batches = _Batches(make_batches, st["epoch"], st["batch_in_epoch"]) if st["step"] < cfg.steps else None
+        batches = (_Batches(make_batches, st["epoch"], st["batch_in_epoch"], _hook(hooks, "skipped_counts"))
+                   if st["step"] < cfg.steps else None)
         if rng is not None:
             _set_rng_state(rng)
         engine.train()

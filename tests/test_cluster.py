@@ -246,3 +246,184 @@ def test_checkpoint_pickles_never_run_code(data, capsys, tmp_path):
         refused(["export", str(run), "--out", str(tmp_path / "x")], capsys, name, "refused to unpickle")
         assert not marker.exists()
         assert not (tmp_path / "x").exists()
+
+
+# ---- 4. `dalle-ar generate` resumes by what made each row -------------------------------------------
+
+from test_pipeline import parts, pipe_dir  # noqa: E402,F401  (tiny pipeline fixtures)
+
+
+def generate(capsys, model, prompts, out, *extra):
+    """`dalle-ar generate` in this process -> its summary."""
+    capsys.readouterr()
+    assert cli_main(["generate", "--model", str(model), "--prompts", str(prompts), "--out", str(out),
+                     "--candidates", "2", "--device", "cpu", *map(str, extra)]) == 0
+    return json.loads(capsys.readouterr().out.split("\ngrid: ")[0])
+
+
+def rows(out):
+    """prompts.jsonl as strict JSON (NaN is not JSON)."""
+    def no_nan(x):
+        raise AssertionError(f"{x} in prompts.jsonl")
+    return [json.loads(x, parse_constant=no_nan) for x in (out / "prompts.jsonl").read_text().split("\n")[:-1]]
+
+
+def test_generate_redoes_rows_whose_inputs_changed_and_repairs_a_torn_line(pipe_dir, capsys, tmp_path):
+    """Finding 4: rows are keyed by prompt text, line, seed, candidates, keep, sampling and the model's
+    weights, not by line number: a changed prompt, --keep, --seed or model is redone; a torn last line
+    (a kill during a write) is dropped and its prompt redone, never glued to the next row."""
+    prompts, out = tmp_path / "prompts.txt", tmp_path / "out"
+    prompts.write_text("a red circle\na blue square\na green triangle\n")
+    assert generate(capsys, pipe_dir, prompts, out)["generated"] == 3
+    assert generate(capsys, pipe_dir, prompts, out)["resumed"] == 3  # same inputs: nothing redone
+
+    prompts.write_text("a red circle\na yellow square\na green triangle\n")
+    s = generate(capsys, pipe_dir, prompts, out)
+    assert (s["generated"], s["resumed"]) == (1, 2)
+    assert [(r["line"], r["prompt"]) for r in rows(out)] == [(1, "a red circle"), (3, "a green triangle"),
+                                                            (2, "a yellow square")]
+    s = generate(capsys, pipe_dir, prompts, out, "--keep", 2)
+    assert s["generated"] == 3 and sorted((r["line"], r["rank"]) for r in rows(out)) == [
+        (1, 0), (1, 1), (2, 0), (2, 1), (3, 0), (3, 1)]
+    assert generate(capsys, pipe_dir, prompts, out, "--keep", 2, "--seed", 7)["generated"] == 3
+
+    # another model (the prior re-initialised) in a copy of the pipeline
+    import shutil
+
+    from dalle_ar.dalle import DALLE
+
+    other = tmp_path / "other"
+    shutil.copytree(pipe_dir, other)
+    torch.manual_seed(123)
+    DALLE(DALLE.from_pretrained(other / "dalle").config).save_pretrained(other / "dalle")
+    assert generate(capsys, other, prompts, out, "--keep", 2, "--seed", 7)["generated"] == 3
+    assert len(rows(out)) == 6
+
+    # a torn last line: line 3's rows cut mid-write
+    text = (out / "prompts.jsonl").read_text().split("\n")[:-1]
+    keep = [x for x in text if json.loads(x)["line"] != 3]
+    (out / "prompts.jsonl").write_text("".join(x + "\n" for x in keep) + text[-1][:25])
+    s = generate(capsys, other, prompts, out, "--keep", 2, "--seed", 7)
+    assert (s["generated"], s["resumed"], s["dropped_rows"]) == (1, 2, 1)
+    assert sorted((r["line"], r["rank"]) for r in rows(out)) == [(1, 0), (1, 1), (2, 0), (2, 1), (3, 0), (3, 1)]
+    assert generate(capsys, other, prompts, out, "--keep", 2, "--seed", 7)["generated"] == 0
+
+
+# ---- 6. every input checked before the first step --------------------------------------------------
+
+@pytest.mark.parametrize("val", ["{root}/none-*.tar", "{root}/none-000000.tar"])
+def test_val_shards_that_match_nothing_are_refused_before_training(data, capsys, tmp_path, val):
+    """Finding 6: --val-shards matching nothing (a glob, or a missing path) used to crash at the first
+    checkpoint (or at --resume); now it is `dalle-ar train: error:` before a single step."""
+    out = tmp_path / "run"
+    args = stage_args(data, "dvae", out, "--steps", 2, "--val-shards", val.format(root=tmp_path))
+    refused(args, capsys, "--val-shards")
+    assert not (out / "checkpoints").exists() and not (out / "stage.json").exists()
+    bad = ["train", "dvae", "--train-shards", str(tmp_path / "none.tar"), *args[4:]]
+    refused(bad, capsys, "--train-shards", "not found")
+
+
+# ---- 7. a pipeline whose CLIP is gone ------------------------------------------------------------
+
+def test_pipeline_without_its_clip_is_refused_and_no_nan_reaches_json(pipe_dir, capsys, tmp_path):
+    """Finding 7: pipeline.json lists a CLIP; without clip/ generation refuses (naming --clip and
+    --no-rerank) instead of silently not reranking; with --no-rerank the scores are null, not NaN."""
+    import shutil
+
+    broken = tmp_path / "pipe"
+    shutil.copytree(pipe_dir, broken)
+    shutil.rmtree(broken / "clip")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\n")
+    refused(["generate", "--model", str(broken), "--prompts", str(prompts), "--out", str(tmp_path / "o")],
+            capsys, "lists a CLIP", "--no-rerank")
+    generate(capsys, broken, prompts, tmp_path / "o", "--no-rerank")
+    assert [r["score"] for r in rows(tmp_path / "o")] == [None]
+
+
+# ---- 8. `dalle-ar CMD: error: ...`, exit 2, never a traceback ----------------------------------------
+
+def test_broken_weight_files_are_named(pipe_dir, capsys, tmp_path):
+    """A truncated or random model.safetensors names the file; a clip/ without weights names the folder."""
+    import shutil
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\n")
+    for part, damage in (("dalle", lambda b: b[:300]), ("dvae", lambda b: os.urandom(len(b)))):
+        broken = tmp_path / f"pipe-{part}"
+        shutil.copytree(pipe_dir, broken)
+        f = broken / part / "model.safetensors"
+        f.write_bytes(damage(f.read_bytes()))
+        refused(["generate", "--model", str(broken), "--prompts", str(prompts), "--out", str(tmp_path / "o")],
+                capsys, str(f))
+    broken = tmp_path / "pipe-clip"
+    shutil.copytree(pipe_dir, broken)
+    (broken / "clip" / "model.safetensors").unlink()
+    refused(["generate", "--model", str(broken), "--prompts", str(prompts), "--out", str(tmp_path / "o")],
+            capsys, str(broken / "clip"), "weights")
+
+
+def test_out_that_is_a_file(pipe_dir, data, capsys, tmp_path):
+    prompts, f = tmp_path / "p.txt", tmp_path / "a-file"
+    prompts.write_text("a red circle\n")
+    f.write_text("mine\n")
+    refused(["generate", "--model", str(pipe_dir), "--prompts", str(prompts), "--out", str(f)], capsys, str(f))
+    refused(stage_args(data, "dvae", f, "--steps", 1), capsys, str(f))
+    refused(["export", str(data["root"] / "dvae"), "--out", str(f)], capsys, str(f))
+    assert f.read_text() == "mine\n"
+
+
+def test_config_json_errors_and_deepspeed_override_types_are_named(data, capsys, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"model": {"n_hid": 8,}}')
+    refused(stage_args(data, "dvae", tmp_path / "r1", "--config", bad, config=False), capsys, str(bad), "invalid JSON")
+    refused(stage_args(data, "dvae", tmp_path / "r2", "--steps", 1, "ds.zero_optimization.stage=abc"), capsys,
+            "zero_optimization.stage", "'abc'")
+
+
+def test_an_epoch_without_batches_says_why(data, capsys, tmp_path):
+    """Every sample skipped as bad, or fewer samples than one batch: the error says which."""
+    import io
+    import tarfile
+
+    shard = tmp_path / "bad-000000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i in range(12):
+            for ext, payload in (("png", b"not a png"), ("txt", b"a caption")):
+                info = tarfile.TarInfo(f"s{i:04d}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    args = stage_args(data, "dvae", tmp_path / "r1", "--steps", 1)
+    args[3] = str(shard)
+    refused(args, capsys, "every sample was skipped", "image: unreadable")
+    args = stage_args(data, "dvae", tmp_path / "r2", "--steps", 1, "--batch-size", 32)
+    args[3] = data["train"][0]  # 16 samples
+    refused(args, capsys, "fewer than one batch")
+
+
+def test_old_format_pickle_given_to_convert(tmp_path, capsys):
+    dall_e = pytest.importorskip("dall_e")
+    enc, dec = tmp_path / "encoder.pkl", tmp_path / "decoder.pkl"
+    torch.save(dall_e.Encoder(n_hid=64, vocab_size=512, n_blk_per_group=1), enc, _use_new_zipfile_serialization=False)
+    torch.save(dall_e.Decoder(n_hid=64, vocab_size=512, n_blk_per_group=1, n_init=32), dec)
+    line = refused(["convert", "openai-dvae", "--encoder", str(enc), "--decoder", str(dec), "--out",
+                    str(tmp_path / "o")], capsys, str(enc), "legacy")
+    assert "will likely succeed" not in line  # not torch's advice to unpickle it anyway
+
+
+def test_ctrl_c_during_generate_keeps_the_rows_and_exits_130(pipe_dir, env, tmp_path):
+    prompts, out = tmp_path / "p.txt", tmp_path / "out"
+    prompts.write_text("".join(f"a red circle number {i}\n" for i in range(200)))
+    proc = subprocess.Popen([sys.executable, "-m", "dalle_ar.cli", "generate", "--model", str(pipe_dir), "--prompts",
+                             str(prompts), "--out", str(out), "--candidates", "2", "--device", "cpu"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "prompts.jsonl").is_file() or len((out / "prompts.jsonl").read_text().splitlines()) < 2:
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "dalle-ar generate: interrupted" in err, err[-3000:]
+    done = rows(out)
+    assert 2 <= len(done) < 200 and all((out / r["image"]).is_file() for r in done)

@@ -60,11 +60,11 @@ def entry_main(stage: str, argv=None) -> int:
     """main() of train/train_<stage>.py: the train command for one stage, under any launcher."""
     p = argparse.ArgumentParser(prog=f"train_{stage}.py", description=f"Train the {stage} stage.")
     add_train_arguments(p)
-    from dalle_ar.cli import parse_args
+    from dalle_ar.cli import parse_args, run_command
 
     args = parse_args(p, argv)
     args.stage = stage
-    return _train(args)
+    return run_command(f"train {stage}", _train, args)
 
 
 def _export(args) -> int:

@@ -88,7 +88,16 @@ def load_stage_config(stage: str, config_file=None, overrides=()):
     from dalle_ar.engine import TrainConfig, apply_overrides
 
     classes = {"model": _model_config_cls(stage), "train": TrainConfig, "data": DataConfig}
-    raw = json.loads(Path(config_file).read_text()) if config_file else {}
+    raw = {}
+    if config_file:
+        if not Path(config_file).is_file():
+            raise FileNotFoundError(f"config file {config_file} not found")
+        try:
+            raw = json.loads(Path(config_file).read_text())
+        except ValueError as e:
+            raise ValueError(f"config file {config_file}: invalid JSON ({e})") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"config file {config_file}: expected a JSON object with model/train/data sections")
     unknown = set(raw) - set(classes)
     if unknown:
         raise ValueError(f"config {config_file}: unknown section(s) {sorted(unknown)}; use model/train/data")
@@ -100,6 +109,20 @@ def load_stage_config(stage: str, config_file=None, overrides=()):
 
 
 # ---- helpers shared by the stages -------------------------------------------------------------
+
+def check_shards(shards, option: str) -> None:
+    """Before any training: `shards` must name at least one shard, and every local one must exist
+    (URLs and `pipe:` commands are left to the loader)."""
+    from dalle_ar.data import expand_shards
+
+    try:
+        urls = expand_shards(shards)
+    except ValueError as e:
+        raise ValueError(f"{option}: {e}") from None
+    missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not Path(u).is_file()]
+    if missing:
+        raise ValueError(f"{option}: {len(missing)} of {len(urls)} shard(s) not found, e.g. {missing[:3]}")
+
 
 def shards_have_codes(shards) -> bool:
     """True if the first shard's first sample carries pre-encoded `codes.npy`."""
@@ -412,7 +435,12 @@ def run_stage(stage: str, train_shards, out, *, val_shards=None, config_file=Non
         if value is not None:
             overrides.append(f"train.{name}={value}")
     model_cfg, train_cfg, data_cfg, ds_over = load_stage_config(stage, config_file, overrides)
+    check_shards(train_shards, "--train-shards")  # every input checked before the first step
+    if val_shards:
+        check_shards(val_shards, "--val-shards")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a run folder")
     st = STAGES[stage](model_cfg, train_cfg, data_cfg, train_shards, val_shards, out)
     train_cfg = st.train_cfg  # as the stage completed it
     engine.seed_everything(train_cfg.seed)  # initial weights follow train.seed
