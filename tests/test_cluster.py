@@ -221,6 +221,7 @@ class Evil:
         return os.system, (f"touch {self.marker}",)
 
 
+@pytest.mark.slow  # ~40 s: two training runs and four refused ones
 def test_checkpoint_pickles_never_run_code(data, capsys, tmp_path):
     """Finding 5: DeepSpeed reads its files with torch.load(weights_only=False). Resuming and exporting
     load them weights_only with an allow-list of DeepSpeed's classes: a real ZeRO-2 run resumes and
@@ -411,6 +412,7 @@ def test_old_format_pickle_given_to_convert(tmp_path, capsys):
     assert "will likely succeed" not in line  # not torch's advice to unpickle it anyway
 
 
+@pytest.mark.slow  # ~30 s: a fresh interpreter importing transformers
 def test_ctrl_c_during_generate_keeps_the_rows_and_exits_130(pipe_dir, env, tmp_path):
     prompts, out = tmp_path / "p.txt", tmp_path / "out"
     prompts.write_text("".join(f"a red circle number {i}\n" for i in range(200)))
