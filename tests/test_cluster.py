@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from dalle_ar import engine
 from dalle_ar.cli import main as cli_main
-from dalle_ar.demo import config_path
+from dalle_ar.train import config_path
 
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
 TINY = {
@@ -117,7 +117,7 @@ def test_zero3_two_processes_export_the_dvae(data, env, tmp_path):
     script = Path(__file__).resolve().parents[1] / "train" / "train_dvae.py"
     args = stage_args(data, "dvae", out, "--steps", 2, "--save-every", 2, "--deepspeed-config",
                       config_path("zero3.json"), PARTITION_ALL)[2:]
-    proc = subprocess.run([str(launcher), "--num_gpus", "2", "--master_port", str(engine._free_port()), str(script),
+    proc = subprocess.run([str(launcher), "--num_gpus", "2", "--master_port", str(engine.free_port()), str(script),
                            *args], env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert len(list((out / "checkpoints" / "step00000002").glob("*model_states.pt"))) == 2  # really partitioned
