@@ -13,6 +13,7 @@ This module joins tokenizer + dVAE + prior + reranker for inference; it never im
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
