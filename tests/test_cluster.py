@@ -17,14 +17,9 @@ from safetensors.torch import load_file
 from dalle_ar import engine
 from dalle_ar.cli import main as cli_main
 from dalle_ar.train import config_path
+from test_stages import TINY, run  # noqa: F401  (tiny model overrides; shards + tokenizer + dVAE fixture)
 
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
-TINY = {
-    "dvae": ["model.n_hid=8", "model.n_init=8", "model.vocab_size=32"],
-    "clip": ["model.embed_dim=16", "model.text_width=16", "model.vision_width=16", "model.text_layers=1",
-             "model.vision_layers=1", "model.text_heads=2", "model.vision_heads=2"],
-    "dalle": ["model.dim=32", "model.depth=2", "model.heads=2"],
-}
 COMMON = ["train.warmup=1", "data.sample_count=2", "data.num_workers=0"]
 # ZeRO-3 keeps parameters under this many elements whole on every rank; 0 partitions all of them,
 # so tiny models behave like big ones.
@@ -32,22 +27,11 @@ PARTITION_ALL = "ds.zero_optimization.stage3_param_persistence_threshold=0"
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """Real shapes shards, a tokenizer and a tiny trained dVAE export."""
-    from dalle_ar.data.shapes import generate_shapes
-    from dalle_ar.tokenizer import TextTokenizer, read_captions
-    from dalle_ar.train.stages import run_stage
-
-    root = tmp_path_factory.mktemp("cluster")
-    generate_shapes(root / "data", train_size=64, val_size=16, shard_size=16, seed=1)
-    train = sorted(str(p) for p in (root / "data").glob("shapes-train-*.tar"))
-    val = sorted(str(p) for p in (root / "data").glob("shapes-val-*.tar"))
-    tok = TextTokenizer.train(read_captions(train), vocab_size=96, min_frequency=1)
-    tok.save_pretrained(root / "tokenizer")
-    run_stage("dvae", train, root / "dvae", config_file=config_path("dvae-shapes.json"),
-              overrides=[*TINY["dvae"], *COMMON, "train.steps=1", "train.batch_size=8", "train.tensorboard=false"])
-    return {"root": root, "train": train, "val": val, "tokenizer": root / "tokenizer",
-            "dvae": root / "dvae" / "export"}
+def data(run):
+    """Real shapes shards (3 train, 1 val, 16 samples each), a tokenizer and a tiny trained dVAE export
+    (test_stages' `run`)."""
+    root = run["root"]
+    return {**run, "tokenizer": root / "tokenizer", "dvae": root / "dvae" / "export"}
 
 
 def stage_args(data, stage, out, *extra, config=True):
