@@ -253,6 +253,7 @@ def rows(out):
     return [json.loads(x, parse_constant=no_nan) for x in (out / "prompts.jsonl").read_text().split("\n")[:-1]]
 
 
+@pytest.mark.slow  # eight generate runs: 408 s at load 20 on 2 cores, so well over 30 s unloaded
 def test_generate_redoes_rows_whose_inputs_changed_and_repairs_a_torn_line(pipe_dir, capsys, tmp_path):
     """Finding 4: rows are keyed by prompt text, line, seed, candidates, keep, sampling and the model's
     weights, not by line number: a changed prompt, --keep, --seed or model is redone; a torn last line
