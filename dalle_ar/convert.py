@@ -88,7 +88,18 @@ def load_openai_pickle(path) -> dict:
         with torch.serialization.safe_globals(allowed):
             module = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  (unpickling errors come in many types)
-        raise ValueError(f"{path}: not a dall_e module pickle torch can read safely: {str(e)[:500]}") from None
+        import zipfile
+
+        if not zipfile.is_zipfile(path):  # torch < 1.6 wrote modules with a reference to their source code
+            raise ValueError(f"{path}: a plain pickle or one in torch's legacy (pre-1.6) format, which cannot be read without "
+                             f"running code from it. If you trust the file, re-save it once in the current format: "
+                             f"python -c \"import torch; torch.save(torch.load('{path}', weights_only=False), "
+                             f"'{path.with_suffix('.new.pkl')}')\" and convert that") from None
+        # torch's own text advises weights_only=False ("will likely succeed"): keep only what it refused
+        lines = [x for x in str(e).splitlines() if x.strip() and not x.startswith(
+            ("Weights only load failed", "Please file an issue", "Check the documentation"))]
+        detail = lines[0].replace("WeightsUnpickler error:", "").strip() if lines else str(e)
+        raise ValueError(f"{path}: not a dall_e module pickle torch can read safely: {detail[:300]}") from None
     if not isinstance(module, nn.Module):
         raise ValueError(f"{path}: expected a pickled dall_e Encoder or Decoder, got {type(module).__name__}")
     return module.state_dict()

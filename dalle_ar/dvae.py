@@ -403,11 +403,14 @@ class DiscreteVAE(nn.Module):
     def save_pretrained(self, directory, state_dict: Optional[dict] = None, use_ema: bool = True) -> Path:
         """Write config.json + model.safetensors. Writes the EMA weights when there are some (ema_decay set
         and trained) unless use_ema=False; else `state_dict` (e.g. consolidated by the engine) or the module's."""
-        expected = self.state_dict()
         if use_ema and self._ema is not None:
             state_dict = self.ema_state_dict()
         elif state_dict is None:
-            state_dict = expected
+            state_dict = self.state_dict()
+        # Shapes from the config, not from the live module: under ZeRO-3 its parameters are
+        # partitioned (empty on this rank) while `state_dict` holds the gathered weights.
+        with torch.device("meta"):
+            expected = DiscreteVAE(self.config).state_dict()
         check_state_dict(state_dict, expected, "state_dict", "the DVAEConfig")
         return io.save_pretrained(directory, self.config, state_dict)
 

@@ -7,7 +7,9 @@ writes into OUT:
     prompts.jsonl              one row per kept image: image, prompt, score, rank, seed, line
     grid.png                   contact sheet, one row per prompt (the first `grid_rows` prompts)
 
-A folder that was partly written resumes: prompts already in prompts.jsonl are not redone.
+A folder that was partly written resumes: prompts whose rows in prompts.jsonl were made from the
+same inputs (prompt, line, seed, candidates, keep, sampling settings, model weights) are not redone;
+rows made from other inputs are dropped and redone.
 Memory stays bounded: one prompt at a time (its candidates in batches), images go to disk at once.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Optional
@@ -24,6 +27,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .images import image_grid
+from .io import atomic_path
 from .pipeline import TextToImagePipeline
 
 log = logging.getLogger(__name__)
@@ -48,15 +52,66 @@ def read_prompts(path) -> tuple[list[tuple[int, str]], list[str]]:
     return prompts, problems
 
 
-def _done_lines(jsonl: Path) -> set[int]:
-    done = set()
-    if jsonl.is_file():
-        for row in jsonl.read_text().splitlines():
-            try:
-                done.add(int(json.loads(row)["line"]))
-            except (ValueError, KeyError, TypeError):
-                continue  # a row cut by a crash: that prompt is redone
-    return done
+def pipeline_fingerprint(pipe) -> str:
+    """sha256 of what decides a pipeline's images: the tokenizer, every weight and config of the prior,
+    the dVAE and the reranker (None without one). Hashed from memory, so it holds for pipelines built in
+    Python too; about 1 s per GB of weights."""
+    import dataclasses
+    import hashlib
+
+    h = hashlib.sha256(pipe.tokenizer.to_json().encode())
+    parts = [("dvae", pipe.dvae), ("dalle", pipe.dalle)]
+    if pipe.reranker is not None:
+        parts.append(("clip", pipe.reranker.model))
+    for name, module in parts:
+        cfg = module.config
+        cfg = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else cfg.to_dict()
+        h.update(f"{name}:{json.dumps(cfg, sort_keys=True, default=str)}".encode())
+        for key, t in sorted(module.state_dict().items()):
+            h.update(key.encode())
+            h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _image_digest(image: Optional[Image.Image]) -> Optional[str]:
+    """sha256 of an image's mode, size and pixels (None for no image): part of a row's key."""
+    if image is None:
+        return None
+    import hashlib
+
+    return hashlib.sha256(f"{image.mode}{image.size}".encode() + image.tobytes()).hexdigest()
+
+
+def _row_key(**inputs) -> str:
+    """The identity of one prompt's rows: every input that decides its images and ranks."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _load_rows(jsonl: Path, out: Path, wanted: dict[str, int]) -> tuple[set[int], int]:
+    """Rows of an earlier run -> (lines done with the same inputs, rows dropped). Rewrites prompts.jsonl
+    (atomically) with the rows still valid: a row is kept when its key is one this run would write and
+    its image exists; a row cut by a crash, or made from another prompt, seed, keep, model, ... is
+    dropped and its prompt redone. The rewrite also repairs a torn last line, which appending would
+    otherwise glue to the next row."""
+    if not jsonl.is_file():
+        return set(), 0
+    kept, dropped, done = [], 0, set()
+    for text in jsonl.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(text)
+            ok = wanted.get(row["key"]) == row["line"] and (out / row["image"]).is_file()
+        except (ValueError, KeyError, TypeError):
+            ok = False
+        if ok:
+            kept.append(text + "\n")
+            done.add(row["line"])
+        elif text.strip():
+            dropped += 1
+    with atomic_path(jsonl) as tmp:
+        tmp.write_text("".join(kept))
+    return done, dropped
 
 
 def generate_to_folder(pipe, prompts_file, out, *, candidates: int = 16, keep: int = 1, seed: int = 0,
@@ -68,7 +123,13 @@ def generate_to_folder(pipe, prompts_file, out, *, candidates: int = 16, keep: i
     """Generate for every prompt of `prompts_file` into `out`; returns a summary dict.
 
     init_image (a path or a PIL image) + keep_rows: complete that image for every prompt (its
-    first keep_rows rows of codes kept); negative_prompt: guidance's unconditional caption."""
+    first keep_rows rows of codes kept); negative_prompt: guidance's unconditional caption.
+
+    Resumable: a prompt whose rows in prompts.jsonl were made from the same inputs (prompt text, line,
+    seed, candidates, keep, batch size, sampling settings, negative prompt, init image and keep_rows, and
+    the pipeline's weights) is not redone;
+    rows made from other inputs are dropped ("dropped_rows" in the summary) and their prompts redone.
+    Scores are null in JSON when the pipeline has no reranker."""
     if keep > candidates:
         raise ValueError(f"keep={keep} > candidates={candidates}")
     if init_image is not None and not isinstance(init_image, Image.Image):
@@ -79,9 +140,18 @@ def generate_to_folder(pipe, prompts_file, out, *, candidates: int = 16, keep: i
     if not prompts:
         raise ValueError(f"prompts file {prompts_file}: no usable prompt")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
     (out / "images").mkdir(parents=True, exist_ok=True)
     jsonl = out / "prompts.jsonl"
-    done = _done_lines(jsonl)
+    settings = dict(candidates=candidates, keep=keep, batch_size=batch_size, temperature=temperature, top_k=top_k,
+                    top_p=top_p, guidance_scale=guidance_scale, consensus=consensus, negative_prompt=negative_prompt,
+                    keep_rows=keep_rows, init_image=_image_digest(init_image), model=pipeline_fingerprint(pipe))
+    keys = {n: _row_key(prompt=p, line=n, seed=seed + n, **settings) for n, p in prompts}
+    done, dropped = _load_rows(jsonl, out, {k: n for n, k in keys.items()})
+    if dropped:
+        log.warning("%s: %d row(s) were made from other inputs (prompt, seed, keep, model, ...) or cut by a "
+                    "crash; their prompts are redone", jsonl, dropped)
     todo = [(n, p) for n, p in prompts if n not in done]
     # The bar is closed on errors too, so that an error message starts a line of its own.
     with tqdm(total=len(todo), desc="prompts", unit="prompt", disable=not progress) as bar, open(jsonl, "a") as f:
@@ -97,15 +167,16 @@ def generate_to_folder(pipe, prompts_file, out, *, candidates: int = 16, keep: i
                 tmp = out / (rel + ".tmp")
                 img.save(tmp, format="PNG")
                 os.replace(tmp, out / rel)
-                rows.append({"image": rel, "prompt": p, "score": float(score), "rank": rank,
-                             "seed": res.seed, "line": n})
+                score = float(score)
+                rows.append({"image": rel, "prompt": p, "score": score if math.isfinite(score) else None,
+                             "rank": rank, "seed": res.seed, "line": n, "key": keys[n]})
             # One write per prompt, after its images exist: a crash never leaves a row without a file.
-            f.write("".join(json.dumps(r) + "\n" for r in rows))
+            f.write("".join(json.dumps(r, allow_nan=False) + "\n" for r in rows))
             f.flush()
             bar.update(1)
     grid = write_grid(out, keep=keep, max_rows=grid_rows)
     return {"out": str(out), "prompts": len(prompts), "generated": len(todo), "resumed": len(prompts) - len(todo),
-            "bad_lines": problems, "grid": str(grid), "jsonl": str(jsonl)}
+            "dropped_rows": dropped, "bad_lines": problems, "grid": str(grid), "jsonl": str(jsonl)}
 
 
 def write_grid(out: Path, keep: int, max_rows: int = 64) -> Path:
@@ -133,11 +204,12 @@ def load_image(path) -> Image.Image:
 
 
 def generate(model, prompts_file, out, *, device: Optional[str] = None, clip: Optional[str] = None,
-             torch_dtype=None, num_threads: Optional[int] = None, **options) -> dict:
-    """Load the pipeline directory `model` (with `clip` replacing its reranker) on `device` (default:
-    cuda if available), the prior in `torch_dtype`, with `num_threads` CPU threads (None: the
-    `dalle_ar.threads` policy), and run `generate_to_folder` with `options`; returns its summary."""
+             rerank: bool = True, torch_dtype=None, num_threads: Optional[int] = None, **options) -> dict:
+    """Load the pipeline directory `model` (with `clip` replacing its reranker, or no reranker with
+    rerank=False) on `device` (default: cuda if available), the prior in `torch_dtype`, with
+    `num_threads` CPU threads (None: the `dalle_ar.threads` policy), and run `generate_to_folder` with
+    `options`; returns its summary."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = TextToImagePipeline.from_pretrained(model, device=device, clip=clip, torch_dtype=torch_dtype,
-                                               num_threads=num_threads)
+    pipe = TextToImagePipeline.from_pretrained(model, device=device, clip=clip, rerank=rerank,
+                                               torch_dtype=torch_dtype, num_threads=num_threads)
     return generate_to_folder(pipe, prompts_file, out, **options)

@@ -100,7 +100,10 @@ def load_weights(directory: str | os.PathLike, module: torch.nn.Module) -> torch
     path = directory / WEIGHTS_NAME
     if not path.is_file():
         raise ValueError(f"no {WEIGHTS_NAME} in {directory}")
-    state = load_file(str(path))
+    try:
+        state = load_file(str(path))
+    except Exception as e:  # noqa: BLE001  (safetensors raises its own error type for a bad header)
+        raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
     check_state_dict(state, module.state_dict(), f"weights in {path}")
     module.load_state_dict(state)
     return module

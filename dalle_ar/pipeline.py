@@ -135,18 +135,31 @@ class TextToImagePipeline:
     # ---- persistence -------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, directory, device="cpu", clip: str | None = None, *, torch_dtype=None,
-                        num_threads: Optional[int] = None) -> "TextToImagePipeline":
+    def from_pretrained(cls, directory, device="cpu", clip: str | None = None, rerank: bool = True, *,
+                        torch_dtype=None, num_threads: Optional[int] = None) -> "TextToImagePipeline":
         """Load a pipeline directory; `clip` overrides its clip/ (e.g. a local copy of OpenAI's CLIP);
-        `torch_dtype` ("bf16", torch.float16, ...) casts the prior after loading."""
+        `torch_dtype` ("bf16", torch.float16, ...) casts the prior after loading.
+
+        A pipeline whose pipeline.json lists a CLIP must have it: a missing clip/ is a ValueError, never a
+        silent run without reranking. `rerank=False` loads no CLIP at all (candidates keep their sampling
+        order, scores are NaN)."""
         d = Path(directory)
         if not (d / PIPELINE_FILE).is_file():
             raise ValueError(f"{d} is not a pipeline directory: no {PIPELINE_FILE}")
+        try:
+            components = json.loads((d / PIPELINE_FILE).read_text())["components"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{d / PIPELINE_FILE}: not a pipeline description ({e})") from None
         for part in ("tokenizer", "dvae", "dalle"):
             if not (d / part).is_dir():
                 raise ValueError(f"pipeline {d}: missing component '{part}/'")
-        if clip is None and (d / "clip").is_dir():
+        if not rerank:
+            clip = None
+        elif clip is None and (d / "clip").is_dir():
             clip = d / "clip"
+        elif clip is None and "clip" in components:
+            raise ValueError(f"pipeline {d}: {PIPELINE_FILE} lists a CLIP reranker but {d / 'clip'} is missing; "
+                             f"restore it, pass another CLIP (--clip DIR), or sample without reranking (--no-rerank)")
         card = json.loads((d / PIPELINE_FILE).read_text()).get("card")
         return cls.from_pretrained_parts(d / "tokenizer", d / "dvae", d / "dalle", clip, device=device,
                                          torch_dtype=torch_dtype, num_threads=num_threads, card=card)

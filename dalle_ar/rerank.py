@@ -52,7 +52,10 @@ class CLIPReranker:
             image_processor = AutoImageProcessor.from_pretrained(str(path), local_files_only=True)
         except (OSError, ValueError, KeyError) as e:
             raise ValueError(f"{path}: the CLIP's tokenizer or image processor files are missing or broken: {e}") from None
-        model = CLIPModel.from_pretrained(str(path), local_files_only=True).float()
+        try:
+            model = CLIPModel.from_pretrained(str(path), local_files_only=True).float()
+        except Exception as e:  # noqa: BLE001  (transformers: OSError for no weights, others for bad ones)
+            raise ValueError(f"{path}: the CLIP's weights are missing or unreadable: {str(e)[:300]}") from None
         return cls(model, tokenizer, image_processor, path=str(path)).to(device or "cpu")
 
     def to(self, device) -> "CLIPReranker":

@@ -37,7 +37,7 @@ import torch
 from dalle_ar import engine
 from dalle_ar.clip import SmallCLIPConfig, build_small_clip, clip_inputs, clip_loss, retrieval_accuracy
 from dalle_ar.dalle import DALLE, DALLEConfig
-from dalle_ar.data import ShardLoader, iter_raw_samples, preprocess_image, shards_have_codes
+from dalle_ar.data import ShardLoader, expand_shards, iter_raw_samples, preprocess_image, shards_have_codes
 from dalle_ar.dvae import DiscreteVAE, DVAEConfig, codebook_usage, psnr
 from dalle_ar.images import image_grid, to_pil
 from dalle_ar.io import config_from_dict, load_config, write_json
@@ -65,7 +65,16 @@ def load_stage_config(stage: str, config_file=None, overrides=()):
     """-> (model config, TrainConfig, data config, DeepSpeed overrides as a list of `key=value`)."""
     cls = _stage_class(stage)
     classes = {"model": cls.model_config_cls, "train": engine.TrainConfig, "data": cls.data_config_cls}
-    raw = json.loads(Path(config_file).read_text()) if config_file else {}
+    raw = {}
+    if config_file:
+        if not Path(config_file).is_file():
+            raise FileNotFoundError(f"config file {config_file} not found")
+        try:
+            raw = json.loads(Path(config_file).read_text())
+        except ValueError as e:
+            raise ValueError(f"config file {config_file}: invalid JSON ({e})") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"config file {config_file}: expected a JSON object with model/train/data sections")
     unknown = set(raw) - set(classes)
     if unknown:
         raise ValueError(f"config {config_file}: unknown section(s) {sorted(unknown)}; use model/train/data")
@@ -365,6 +374,18 @@ STAGES = {"dvae": DVAEStage, "dalle": DALLEStage, "clip": CLIPStage}
 
 # ---- running and exporting -------------------------------------------------------------------------
 
+def check_shards(shards, option: str) -> None:
+    """Before any training: `shards` must name at least one shard, and every local one must exist
+    (URLs and `pipe:` commands are left to the loader)."""
+    try:
+        urls = expand_shards(shards)
+    except ValueError as e:
+        raise ValueError(f"{option}: {e}") from None
+    missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not Path(u).is_file()]
+    if missing:
+        raise ValueError(f"{option}: {len(missing)} of {len(urls)} shard(s) not found, e.g. {missing[:3]}")
+
+
 def run_stage(stage: str, train_shards, out, *, val_shards=None, config_file=None, ds_config=None,
               overrides=(), steps=None, batch_size=None, save_every=None, resume=False, init_from=None,
               threads=None) -> dict:
@@ -379,7 +400,12 @@ def run_stage(stage: str, train_shards, out, *, val_shards=None, config_file=Non
         if value is not None:
             overrides.append(f"train.{name}={value}")
     model_cfg, train_cfg, data_cfg, ds_over = load_stage_config(stage, config_file, overrides)
+    check_shards(train_shards, "--train-shards")  # every input checked before the first step
+    if val_shards:
+        check_shards(val_shards, "--val-shards")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a run folder")
     st = STAGES[stage](model_cfg, train_cfg, data_cfg, train_shards, val_shards, out)
     engine.seed_everything(st.train_cfg.seed)  # initial weights follow train.seed
     built = st.build()
@@ -390,11 +416,15 @@ def run_stage(stage: str, train_shards, out, *, val_shards=None, config_file=Non
         else:
             init = init_from_export(stage, built.model, st.model_cfg, init_from)
     out.mkdir(parents=True, exist_ok=True)
-    if engine.is_rank0():
-        write_json(out / STAGE_FILE, {"stage": stage, "train_shards": train_shards, "val_shards": val_shards,
-                                      "config": st.record(), **({"init_from": init["init_from"]} if init else {})})
+
+    def on_start(step):  # only once the engine accepted the run: a refused one leaves the old stage.json
+        if engine.is_rank0():
+            write_json(out / STAGE_FILE, {"stage": stage, "train_shards": train_shards, "val_shards": val_shards,
+                                          "config": st.record(), **({"init_from": init["init_from"]} if init else {})})
+
     result = engine.train(built.model, built.loss_fn, built.make_batches, st.train_cfg, out,
-                          ds_config=engine.load_ds_config(ds_config, ds_over), hooks=built.hooks, resume=resume)
+                          ds_config=engine.load_ds_config(ds_config, ds_over),
+                          hooks={**built.hooks, "on_start": on_start}, resume=resume)
     if result.get("export_dir") and engine.is_rank0():
         built.export(Path(result["export_dir"]))
         metrics = st.evaluate(built.model)

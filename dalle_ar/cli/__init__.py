@@ -17,7 +17,7 @@ import argparse
 import sys
 
 from . import convert, data, demo, generate, tokenizer, train
-from .common import parse_args
+from .common import parse_args, run_command
 
 # The command groups, in the order `dalle-ar --help` lists them.
 COMMANDS = [data, tokenizer, train, convert, generate, demo]
@@ -37,12 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parse_args(parser, argv)
-    try:
-        rc = args.func(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"dalle-ar {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    return int(rc or 0)
+    return run_command(args.command, args.func, args)
 
 
 if __name__ == "__main__":

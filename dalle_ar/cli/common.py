@@ -1,6 +1,8 @@
-"""What the command modules share: argument parsing that lets `key=value` overrides follow options."""
+"""What the command modules share: argument parsing that lets `key=value` overrides follow options, and
+running a handler as a command (errors as `dalle-ar CMD: error: ...`, exit 2)."""
 
 import argparse
+import sys
 
 
 def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
@@ -35,3 +37,17 @@ def add_threads_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=positive_int, default=None, metavar="N",
                    help="CPU threads for torch (default: the cores this process may use, less the busy ones "
                         "by load average, at least 1; a warning when the machine is busy)")
+
+
+def run_command(command: str, fn, *args) -> int:
+    """fn(*args) as a command: bad input (ValueError, or an OSError such as a missing file or an --out that
+    is a file) is `dalle-ar COMMAND: error: ...` with exit 2; Ctrl-C is exit 130, both without a traceback."""
+    try:
+        return int(fn(*args) or 0)
+    except KeyboardInterrupt:
+        print(f"\ndalle-ar {command}: interrupted; what was written so far is kept (run the same command "
+              f"again to continue)", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as e:
+        print(f"dalle-ar {command}: error: {e}", file=sys.stderr)
+        return 2

@@ -51,6 +51,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--keep-rows", type=int, default=None, metavar="R",
                    help="rows of codes kept from --init-image, 1 .. grid-1 (default: half)")
     p.add_argument("--clip", default=None, help="a local CLIP directory to rerank with instead of the model's")
+    p.add_argument("--no-rerank", action="store_true",
+                   help="load no CLIP: keep candidates in sampling order (scores are null)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="the prior's dtype: fp32, bf16 or fp16 (GPUs; default: as saved)")
     add_threads_argument(p)
@@ -65,7 +67,7 @@ def _generate(args) -> int:
     if args.keep_rows is not None and args.init_image is None:
         raise ValueError("--keep-rows needs --init-image")
     summary = generate(args.model, args.prompts, args.out, device=args.device, clip=args.clip,
-                       torch_dtype=args.dtype, num_threads=args.threads,
+                       torch_dtype=args.dtype, num_threads=args.threads, rerank=not args.no_rerank,
                        candidates=args.candidates, keep=args.keep, seed=args.seed, batch_size=args.batch_size,
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                        guidance_scale=args.guidance_scale, consensus=args.consensus,

@@ -16,7 +16,7 @@ import json
 
 from dalle_ar.train import STAGE_NAMES
 
-from .common import add_threads_argument, parse_args, split_shards
+from .common import add_threads_argument, parse_args, run_command, split_shards
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -69,7 +69,7 @@ def entry_main(stage: str, argv=None) -> int:
     add_train_arguments(p)
     args = parse_args(p, argv)
     args.stage = stage
-    return _train(args)
+    return run_command(f"train {stage}", _train, args)
 
 
 # Handlers: the stages pull in torch, transformers and DeepSpeed, so they load when a command runs.

@@ -16,6 +16,7 @@ import io
 import itertools
 import logging
 import random
+import signal
 from typing import Callable, Iterator
 
 import numpy as np
@@ -169,6 +170,14 @@ class _ShardStream(torch.utils.data.IterableDataset):
             yield {SKIPS: delta}
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """In each loader worker: SLURM's --signal, systemd and `kill -TERM -- -PGID` signal the whole process
+    group. The main process decides when to stop (the engine checkpoints first) and shuts the workers
+    down; a worker that died of the signal would crash it instead."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class ShardLoader:
     """Iterable of dict batches from WebDataset shards (see the module docstring).
 
@@ -204,7 +213,8 @@ class ShardLoader:
         self.dataset.epoch = int(epoch)
 
     def __iter__(self) -> Iterator[dict]:
-        loader = torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers)
+        loader = torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
+                                             worker_init_fn=_ignore_stop_signals if self.num_workers else None)
         before = sum(self._skipped.values())
         for batch in loader:
             for reason, n in batch.pop(SKIPS, {}).items():

@@ -18,9 +18,12 @@ The contract for stage authors:
   micro-batch; `cfg.grad_accum` of them make one optimizer step.
 - `hooks` (dict or object, every entry optional), called on EVERY rank (ZeRO-3 forwards need all
   ranks); write files only where `writer is not None` (rank 0):
+    on_start(step)                     once the engine has accepted the run (fresh, or its checkpoint
+                                       loaded), before the first step: a refused run writes nothing
     on_step(step, parts)               after each optimizer step, parts as floats (this rank's mean)
     on_checkpoint(step, model, writer) after each complete checkpoint; `model` is the module (eval
-                                       mode, no grad), `writer` the TensorBoard SummaryWriter or None
+                                       mode, no grad, full weights gathered under ZeRO-3), `writer`
+                                       the TensorBoard SummaryWriter or None
     skipped_counts() -> dict           the loader's skip counters; summed over ranks and logged
 - `out_dir` receives `checkpoints/step00001000/` (DeepSpeed checkpoints; a tag counts only once it
   holds the `complete` marker), `tb/` (TensorBoard), `export/` (config.json + model.safetensors, fp32).
@@ -41,7 +44,7 @@ The package, one module per concern (stage code imports from `dalle_ar.engine` o
 """
 
 from .checkpoint import (COMPLETE, FP32_FILE, STATE_FILE, TAG_RE, RunState, export_checkpoint,
-                         latest_checkpoint, seed_everything)
+                         latest_checkpoint, seed_everything, weights_only_loads)
 from .config import PRECISIONS, SCHEDULES, TrainConfig, apply_overrides, lr_at
 from .deepspeed_config import CONFIG_DIR, load_ds_config, resolve_ds_config
 from .dist import free_port, init_distributed, is_rank0
@@ -51,4 +54,4 @@ from .optim import param_groups
 __all__ = ["TrainConfig", "train", "lr_at", "apply_overrides", "load_ds_config", "resolve_ds_config", "CONFIG_DIR",
            "init_distributed", "is_rank0", "free_port", "seed_everything", "param_groups", "RunState", "Meter",
            "latest_checkpoint", "export_checkpoint", "TAG_RE", "COMPLETE", "STATE_FILE", "FP32_FILE",
-           "PRECISIONS", "SCHEDULES"]
+           "PRECISIONS", "SCHEDULES", "weights_only_loads"]

@@ -3,6 +3,7 @@ and data position, and the export to a plain config.json + model.safetensors (fp
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import random
@@ -109,6 +110,74 @@ def _prune(ckpt_dir: Path, keep_last: int) -> None:
             shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
 
 
+def param_shapes(module) -> dict:
+    """name -> shape of every parameter (the full shape under ZeRO-3, where the live tensor is a shard)."""
+    return {name: list(getattr(p, "ds_shape", p.shape)) for name, p in module.named_parameters()}
+
+
+def check_resumable(tag_dir: Path, cfg: TrainConfig, world: int, shapes: dict) -> None:
+    """ValueError, before DeepSpeed reads a byte, if the checkpoint cannot continue this run: other
+    parameter shapes (a changed model config), or another batch size, accumulation or process count
+    (the saved data position counts batches, so it would point elsewhere in the data)."""
+    path = tag_dir / STATE_FILE
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    theirs = saved.get("param_shapes")
+    if theirs is not None and theirs != shapes:
+        bad = [f"{k} {theirs.get(k)} -> {shapes.get(k)}" for k in sorted(set(theirs) | set(shapes))
+               if theirs.get(k) != shapes.get(k)]
+        raise ValueError(f"--resume: checkpoint {tag_dir} holds another model ({len(bad)} parameter(s) differ, "
+                         f"e.g. {bad[:3]}); resume with the run's model config, or train into a new output directory")
+    old = saved.get("cfg", {})
+    then = (old.get("batch_size"), old.get("grad_accum"), saved.get("world_size"))
+    if None not in then and then != (cfg.batch_size, cfg.grad_accum, world):
+        raise ValueError(f"--resume: checkpoint {tag_dir} was written with train.batch_size={then[0]}, "
+                         f"train.grad_accum={then[1]} on {then[2]} process(es); this run has {cfg.batch_size}, "
+                         f"{cfg.grad_accum} on {world}. The saved data position counts batches, so it would not "
+                         f"continue where the run stopped: resume with the same values, or train into a new "
+                         f"output directory")
+
+
+# ---- untrusted pickles -----------------------------------------------------------------------------
+
+def _deepspeed_checkpoint_globals() -> list:
+    """The classes DeepSpeed 0.19's checkpoint files pickle besides tensors and plain containers, measured
+    with torch.serialization.get_unsafe_globals_in_checkpoint on ZeRO 0/1/2/3 x fp32/bf16 x 1/2 processes
+    (docs/checkpoints.md). Each is rebuilt from its fields; none runs code on load. DynamicLossScaler is
+    the fp16 twin of LossScaler (fp16 cannot run on a CPU to measure it)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler]
+
+
+@contextlib.contextmanager
+def weights_only_loads():
+    """Inside, every torch.load (DeepSpeed's too, which pass weights_only=False) is a weights_only load
+    allowing only `_deepspeed_checkpoint_globals()`: a run folder from elsewhere cannot run code here. A file
+    that asks for anything else is a ValueError naming the file and the global."""
+    import pickle
+
+    real = torch.load
+
+    def load(f, *args, **kwargs):
+        kwargs["weights_only"] = True
+        try:
+            return real(f, *args, **kwargs)
+        except pickle.UnpicklingError as e:
+            what = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", str(e))
+            raise ValueError(f"{f}: refused to unpickle {what.group(1) if what else 'it'}: checkpoint files may "
+                             f"hold tensors and DeepSpeed's own state only (a pickle can run code; see "
+                             f"docs/checkpoints.md)") from None
+
+    torch.load = load
+    try:
+        with torch.serialization.safe_globals(_deepspeed_checkpoint_globals()):
+            yield
+    finally:
+        torch.load = real
+
+
 class Checkpoints:
     """The checkpoints/ folder of one run, as seen from one rank of a DeepSpeed engine."""
 
@@ -128,7 +197,15 @@ class Checkpoints:
         if self.last_tag is None:
             say(f"[engine] resume: no complete checkpoint in {self.dir}; starting fresh")
         else:
-            path, client = engine.load_checkpoint(str(self.dir), tag=self.last_tag)
+            check_resumable(self.dir / self.last_tag, self.cfg, self.world, param_shapes(engine.module))
+            try:
+                with weights_only_loads():
+                    path, client = engine.load_checkpoint(str(self.dir), tag=self.last_tag)
+            except RuntimeError as e:  # a checkpoint of older versions, which recorded no shapes
+                if "state_dict" not in str(e) and "size mismatch" not in str(e):
+                    raise
+                raise ValueError(f"checkpoint {self.dir / self.last_tag} does not fit this model (was the model "
+                                 f"config changed?): {str(e)[:400]}") from None
             if path is None:
                 raise RuntimeError(f"DeepSpeed could not load checkpoint {self.dir / self.last_tag}")
             state = RunState(**{f.name: client[f.name] for f in dataclasses.fields(RunState) if f.name in client})
@@ -158,7 +235,7 @@ class Checkpoints:
                       str(self.dir / tag / FP32_FILE))
         barrier(self.world)
         if self.rank == 0:
-            write_json(self.dir / tag / STATE_FILE, client)
+            write_json(self.dir / tag / STATE_FILE, dict(client, param_shapes=param_shapes(engine.module)))
             write_json(self.dir / tag / COMPLETE, {"step": state.step, "time": time.time()})
             _prune(self.dir, cfg.keep_last)
         barrier(self.world)
@@ -197,7 +274,8 @@ def _state_dict_from_checkpoint(ckpt_dir: Path, tag: str) -> dict:
         return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # DeepSpeed only for ZeRO
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    with weights_only_loads():
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
 
 
 def export_checkpoint(ckpt_dir, model: torch.nn.Module, out_dir, tag: Optional[str] = None) -> Path:

@@ -87,7 +87,10 @@ def resolve_ds_config(cfg: TrainConfig, user_ds: Optional[dict] = None) -> tuple
         if value == "auto" or value == mine:
             continue
         if mine == getattr(defaults, field):
-            changes[field] = type(mine)(value)
+            try:
+                changes[field] = type(mine)(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"DeepSpeed config {key}={value!r}: expected {type(mine).__name__}") from None
         else:
             raise ValueError(f"DeepSpeed config sets {key}={value!r} but train.{field}={mine!r}; "
                              f"set one of them (or make the DeepSpeed value \"auto\")")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import sys
@@ -41,12 +42,19 @@ def train(model: torch.nn.Module, loss_fn, make_batches, cfg: TrainConfig, out_d
     on_step, on_checkpoint, skipped_counts = (_hook(hooks, n) for n in ("on_step", "on_checkpoint", "skipped_counts"))
 
     ckpts = Checkpoints(out / "checkpoints", cfg, rank, world_size)
-    state, rng = ckpts.start(engine, resume, say=(lambda s: print(s, flush=True)) if rank == 0 else (lambda s: None))
+    try:
+        state, rng = ckpts.start(engine, resume, say=(lambda s: print(s, flush=True)) if rank == 0 else (lambda s: None))
+    except BaseException:  # a refused run frees its engine (another may start in this process)
+        engine.destroy()
+        raise
+    if (on_start := _hook(hooks, "on_start")) is not None:  # accepted: the run's metadata may be written now
+        on_start(state.step)
     meter = Meter(cfg, out, rank, world_size, state.step, skipped_counts)
     stepper = _Stepper(engine, loss_fn, cfg, world_size, meter.say)
     stop, start_step, interrupted, export_dir, ok = _StopFlag(), state.step, False, None, False
     try:
-        batches = _Batches(make_batches, state.epoch, state.batch_in_epoch) if state.step < cfg.steps else None
+        batches = (_Batches(make_batches, state.epoch, state.batch_in_epoch, skipped_counts)
+                   if state.step < cfg.steps else None)
         if rng is not None:
             set_rng_state(rng)
         engine.train()
@@ -101,13 +109,20 @@ def _deepspeed_engine(model, cfg: TrainConfig, ds: dict):
 
 
 def _checkpoint(ckpts: Checkpoints, engine, state: RunState, on_checkpoint, writer) -> None:
-    """Save a complete checkpoint, then run the on_checkpoint hook on the module (eval mode, no grad)."""
+    """Save a complete checkpoint, then run the on_checkpoint hook on the module (eval mode, no grad, and
+    under ZeRO-3 its full weights gathered: collective, every rank enters; sampling with a KV cache reads
+    embeddings outside a forward, which ZeRO-3 would leave partitioned)."""
     ckpts.save(engine, state)
     if on_checkpoint is None:
         return
     was = engine.module.training
     engine.module.eval()
-    with torch.no_grad():
+    gathered = contextlib.nullcontext()
+    if ckpts.cfg.zero_stage == 3:
+        import deepspeed  # heavy: see _deepspeed_engine
+
+        gathered = deepspeed.zero.GatheredParameters(list(engine.module.parameters()))
+    with torch.no_grad(), gathered:
         on_checkpoint(state.step, engine.module, writer)
     engine.module.train(was)
     if writer:
@@ -257,8 +272,9 @@ class _StopFlag:
 class _Batches:
     """make_batches(epoch) as one endless stream that knows its position (epoch, batch within it)."""
 
-    def __init__(self, make_batches, epoch: int = 0, batch_in_epoch: int = 0):
+    def __init__(self, make_batches, epoch: int = 0, batch_in_epoch: int = 0, skipped_counts=None):
         self.make_batches, self.epoch, self.batch_in_epoch = make_batches, epoch, 0
+        self.skipped_counts = skipped_counts  # the loader's skip counters, to say why an epoch was empty
         self.it = iter(make_batches(epoch))
         for _ in range(batch_in_epoch):  # resume: replay the part of the epoch already trained on
             self.next()
@@ -271,9 +287,19 @@ class _Batches:
                 return batch
             except StopIteration:
                 if fresh:
-                    raise ValueError(f"make_batches({self.epoch}) yielded no batches") from None
+                    raise ValueError(f"make_batches({self.epoch}) yielded no batches: {self._why_empty()}") from None
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
                 self.it = iter(self.make_batches(self.epoch))
+
+    def _why_empty(self) -> str:
+        skipped = {k: v for k, v in (self.skipped_counts() if self.skipped_counts else {}).items() if v}
+        if any(k.startswith("shard") for k in skipped):
+            return (f"shards were missing or unreadable and every sample was skipped (skipped so far: {skipped}); "
+                    f"check the shard paths")
+        if skipped:
+            return f"every sample was skipped as bad (skipped so far: {skipped}); check the data"
+        return ("the data holds no samples, or fewer than one batch per process (the last partial batch is "
+                "dropped in training): use more data or a smaller batch size")
 
 
 def _to_device(batch, device, dtype):
