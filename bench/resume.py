@@ -1,7 +1,7 @@
 """Crash recovery of a multi-process ZeRO-3 run: kill -9 the whole process group at random moments, resume.
 
     python bench/resume.py [--kills 10] [--stage dalle_codes] [--zero 3] [--nproc 2] [--steps 40]
-                           [--save-every 4] [--seed 0] [--out DIR] [--no-reference]
+                           [--save-every 4] [--seed 0] [--out DIR] [--no-reference] [--no-val]
 
 One run (tiny model, shards written by `dalle-ar data shapes` / `dalle-ar encode`, launched like a job:
 `deepspeed --num_gpus 2 train/train_<stage>.py` in a session of its own) is killed `--kills` times with
@@ -94,6 +94,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="work folder (default: a temporary one, removed at the end)")
     p.add_argument("--no-reference", action="store_true", help="skip the uninterrupted run")
+    p.add_argument("--no-val", action="store_true", help="no --val-shards (no evaluation after the export)")
     args = p.parse_args(argv)
 
     t_start = time.time()
@@ -108,7 +109,7 @@ def main(argv=None) -> int:
 
     def cmd(out, *extra):
         return train_cmd(spec, data, out, args.zero, args.nproc, steps=args.steps, save_every=args.save_every,
-                         batch=BATCH, extra=extra)
+                         batch=BATCH, extra=extra, val=not args.no_val)
 
     loads = [os.getloadavg()[0]]
     rows, prev_log = [], None
@@ -126,7 +127,9 @@ def main(argv=None) -> int:
         text = log.read_text()
         lines = step_lines(text)
         row["steps"] = f"{min(lines)}-{max(lines)}" if lines else "-"
-        if i:  # this launch was resume number i: it continued from where kill i-1 left the run
+        if i and resumed_from(text) is None and not lines:
+            row["from"] = "killed before resuming"  # nothing to check; the next launch resumes instead
+        elif i:  # this launch was resume number i: it continued from where kill i-1 left the run
             try:
                 redone = check_continues(prev_log.read_text(), text, rows[-1]["newest"], args.steps)
                 row["redone"] = len(redone)
@@ -143,7 +146,8 @@ def main(argv=None) -> int:
         else:
             row["export"] = "none yet"
         rows.append(row)
-        prev_log = log
+        if lines or resumed_from(text) is not None:
+            prev_log = log  # the steps a later resume may redo are in the last launch that trained
         loads.append(os.getloadavg()[0])
         print(f"kill {i + 1}/{args.kills}: {row}", flush=True)
 
@@ -184,8 +188,10 @@ def main(argv=None) -> int:
         cells = [f"{r[c]:.1f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols]
         print("| " + " | ".join(cells) + " |")
     in_write = sum(bool(r.get("inside_write")) for r in rows)
+    trained = sum(isinstance(r.get("from"), int) for r in rows[1:])
     print(f"\nstage={args.stage} zero={args.zero} nproc={args.nproc} steps={args.steps} "
-          f"save_every={args.save_every} kills={args.kills} kills_inside_a_write={in_write}")
+          f"save_every={args.save_every} val_shards={not args.no_val} kills={args.kills} "
+          f"kills_inside_a_write={in_write} resumes_past_startup={trained}")
     print(f"final_export_vs_uninterrupted={reference}")
     print(f"load_avg min/max={min(loads):.1f}/{max(loads):.1f} cores={os.cpu_count()} "
           f"seconds={time.time() - t_start:.0f}")

@@ -134,13 +134,14 @@ def free_port() -> int:
 
 
 def train_cmd(spec: StageSpec, data: dict, out: Path, zero: int, nproc: int, *, steps: int, save_every: int,
-              batch: int, extra=()) -> list[str]:
+              batch: int, extra=(), val: bool = True) -> list[str]:
     if nproc == 1:
         head = [str(BIN / "dalle-ar"), "train", spec.cli]
     else:
         head = [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()),
                 str(REPO / "train" / f"train_{spec.cli}.py")]
-    return [*head, "--train-shards", ",".join(data[spec.shards]), "--val-shards", ",".join(data["val"]),
+    return [*head, "--train-shards", ",".join(data[spec.shards]),
+            *(["--val-shards", ",".join(data["val"])] if val else []),
             "--out", str(out), "--config", str(CONFIGS / spec.config),
             "--deepspeed-config", str(CONFIGS / f"zero{zero}.json"),
             "--steps", str(steps), "--save-every", str(save_every), "--batch-size", str(batch),
