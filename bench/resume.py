@@ -6,7 +6,8 @@
 One run (tiny model, shards written by `dalle-ar data shapes` / `dalle-ar encode`, launched like a job:
 `deepspeed --num_gpus 2 train/train_<stage>.py` in a session of its own) is killed `--kills` times with
 SIGKILL to its process group, each time at a random moment of one of three kinds:
-  startup    0-20 s after the launch, before or during DeepSpeed's initialisation;
+  startup    before the first step: a random part of the time the last launch took to reach its
+             first step (imports, DeepSpeed's initialisation, loading the checkpoint, data replay);
   training   after 1..save_every+2 more steps and a random part of a step;
   in-write   inside a checkpoint write: as soon as a tag dir without its `complete` marker appears.
 After each kill: `dalle-ar export RUN` of the newest complete checkpoint must load with the model's
@@ -66,14 +67,18 @@ class Writes:
         return [s for s in open_ if s not in self.stale]
 
 
+STARTUP_S = [20.0]  # seconds from a launch to its first step, as last measured
+
+
 def kill_at(kind, proc, log, rng, save_every, steps, writes: Writes) -> dict:
     """Wait for the moment, kill -9 the group; -> what was seen."""
     t0 = time.time()
     if kind == "startup":
-        time.sleep(rng.uniform(0, 20))
+        time.sleep(rng.uniform(0, STARTUP_S[0]))
     elif kind == "training":
         first = lambda: step_lines(log.read_text())  # noqa: E731
         wait_for(proc, log, lambda: bool(first()), "a first step", LAUNCH_TIMEOUT)
+        STARTUP_S[0] = time.time() - t0
         target = min(steps - 1, min(first()) + rng.randint(1, save_every + 2))
         wait_for(proc, log, lambda: max(first()) >= target, f"step {target}", LAUNCH_TIMEOUT)
         time.sleep(rng.uniform(0, 1.0))
