@@ -34,15 +34,9 @@ TIMEOUT = 600                        # a launch; a shared 2-core machine under l
 # The CI subset: every stage once under ZeRO-3 with 2 processes, every ZeRO stage once.
 CI_CELLS = {*((s, 3, 2) for s in STAGES), ("dvae", 0, 1), ("clip", 1, 1), ("dalle_codes", 2, 1)}
 
-# Cells that fail today because of a defect (remove an entry once its fix is merged: strict xfail turns
-# the fixed cell into a failure until then).
-#   finding 1: ZeRO-3 cannot export the dVAE (its state-dict check sees the partitioned live parameters).
-#   new (9):   ZeRO-3 with 2 processes and --val-shards: after training the module keeps ZeRO-3's hooks,
-#              so rank 0's evaluation all-gathers alone and dies when rank 1 has exited (exit 1 after the
-#              export was written).
-ZERO3_EVAL = "issue 16 new finding 9: ZeRO-3 module left partitioned after training, rank-0 evaluate all-gathers alone"
-KNOWN = {("dvae", 3, 1): "issue 16 finding 1", ("dvae", 3, 2): "issue 16 finding 1 (then new finding 9)",
-         **{(s, 3, 2): ZERO3_EVAL for s in ("dalle_raw", "dalle_codes", "clip", "vqgan") if s in STAGES}}
+# Cells that fail because of a known defect, {(stage, zero, nproc): reason}, run as strict xfails
+# (findings 1, 2 and 9 of issue 16 are fixed: none today).
+KNOWN: dict = {}
 
 
 def cells():
@@ -96,13 +90,12 @@ def test_cell(stage, zero, nproc, matrix_data, env, tmp_path):
     assert zero != 3 or zero3_partitions(weights)
 
 
-FINDING_2 = pytest.mark.xfail(strict=True, reason="issue 16 finding 2")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("nproc", [
-    pytest.param(1, marks=[pytest.mark.matrix, pytest.mark.matrix_ci, FINDING_2], id="1proc"),
-    pytest.param(2, marks=[pytest.mark.matrix, FINDING_2], id="2proc"),
+    pytest.param(1, marks=[pytest.mark.matrix, pytest.mark.matrix_ci], id="1proc"),
+    pytest.param(2, marks=[pytest.mark.matrix], id="2proc"),
 ])
 def test_group_sigterm_with_loader_workers(nproc, matrix_data, env, tmp_path):
     """SLURM's --signal=TERM@N, systemd and `kill -TERM -- -PGID` signal every process of the job,

@@ -341,5 +341,11 @@ def _release(engine, cfg) -> None:
             full = [p.detach().clone() for p in params]
     engine.destroy()
     if full is not None:
-        for p, data in zip(module.parameters(), full):
-            p.data = data
+        # Fresh Parameters: the old ones keep ZeRO-3's attributes and gather methods, so a later forward
+        # on one rank alone (e.g. rank 0's evaluation) would all-gather with ranks that have exited.
+        fresh = {id(p): torch.nn.Parameter(data, requires_grad=p.requires_grad)
+                 for p, data in zip(module.parameters(), full)}
+        for sub in module.modules():
+            for name, p in list(sub._parameters.items()):
+                if p is not None and id(p) in fresh:
+                    sub._parameters[name] = fresh[id(p)]
