@@ -257,8 +257,8 @@ class DALLE(nn.Module):
     @torch.no_grad()
     def generate(self, text: torch.Tensor, *, temperature: float = 1.0, top_k: Optional[int] = None,
                  top_p: Optional[float] = None, guidance_scale: float = 1.0,
-                 generator: Optional[torch.Generator] = None, prime: Optional[torch.Tensor] = None
-                 ) -> torch.Tensor:
+                 generator: Optional[torch.Generator] = None, prime: Optional[torch.Tensor] = None,
+                 noise: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Sample image codes for text Long[B, T] -> Long[B, h, w].
 
         temperature > 0 divides the logits; top_k keeps the k likeliest codes, top_p the smallest
@@ -266,7 +266,9 @@ class DALLE(nn.Module):
         conditional and the unconditional (null caption) branch as one batch of 2B and samples
         from uncond + s * (cond - uncond). `generator` (on any device) makes draws reproducible:
         sample b gets the same draws whatever the batch size. `prime` Long[B, r, w] (0 <= r < h)
-        fixes the first r rows; they are returned unchanged.
+        fixes the first r rows; they are returned unchanged. `noise` float [B, h*w - r] in [0, 1):
+        the uniforms to sample with instead of drawing them from `generator` (row b of a batch
+        gets the same codes as alone with row b of noise, e.g. rows of differently seeded prompts).
         """
         c = self.config
         text = self.check_text(text)
@@ -295,8 +297,15 @@ class DALLE(nn.Module):
             text = torch.cat([text, torch.full_like(text, c.pad_id)])
             prime = prime.repeat(2, 1) if prime is not None else None
         # All uniforms up front, [B, steps]: sample b's draws do not depend on B.
-        noise = torch.rand(B, N - n0, generator=generator,
-                           device=generator.device if generator is not None else "cpu").to(device)
+        if noise is None:
+            noise = torch.rand(B, N - n0, generator=generator,
+                               device=generator.device if generator is not None else "cpu")
+        elif not isinstance(noise, torch.Tensor) or not noise.is_floating_point() \
+                or tuple(noise.shape) != (B, N - n0):
+            raise ValueError(f"noise must be a float tensor of shape [{B}, {N - n0}] (batch, image tokens "
+                             f"to sample), got {getattr(noise, 'dtype', type(noise).__name__)} "
+                             f"{list(getattr(noise, 'shape', []))}")
+        noise = noise.to(device)
 
         was_training = self.training
         self.eval()

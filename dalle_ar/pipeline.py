@@ -155,18 +155,64 @@ class TextToImagePipeline:
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         return self.tokenizer.encode(prompts, length=self.dalle.config.text_len, truncation="warn")
 
+    @property
+    def image_size(self) -> int:
+        """Side in pixels of the (square) images this pipeline makes."""
+        return self.dvae.config.image_size
+
+    def sampling_options(self, temperature: Optional[float] = None, top_k: Optional[int] = None,
+                         top_p: Optional[float] = None, guidance_scale: Optional[float] = None) -> dict:
+        """DALLE.generate's sampling keywords; temperature and guidance_scale None -> the prior's
+        configured values."""
+        c = self.dalle.config
+        return dict(temperature=c.temperature if temperature is None else temperature, top_k=top_k, top_p=top_p,
+                    guidance_scale=c.guidance_scale if guidance_scale is None else guidance_scale)
+
+    def candidate_noise(self, seed: int, n: int) -> torch.Tensor:
+        """The uniforms [n, image tokens] that candidates 0..n-1 of a prompt seeded `seed` sample with.
+
+        Drawn up front, one generator per prompt: a candidate's image depends on its prompt, seed
+        and index only, never on the batch it is sampled in (which the server relies on).
+        """
+        g = torch.Generator(device=self.device).manual_seed(seed)
+        return torch.rand(n, self.dalle.num_image_tokens, generator=g, device=self.device)
+
     @torch.no_grad()
-    def sample(self, text: torch.Tensor, n: int, *, generator: torch.Generator, batch_size: int,
-               progress=None, **sampling) -> torch.Tensor:
-        """n candidate images for ONE prompt's tokens text [1,T], in chunks of batch_size."""
+    def sample(self, text: torch.Tensor, noise: torch.Tensor, *, batch_size: int, progress=None,
+               **sampling) -> torch.Tensor:
+        """Images float [B,3,H,W] for rows of prompt tokens text [B,T] and their uniforms noise [B,N]
+        (rows may belong to different prompts), in chunks of batch_size."""
         out = []
-        for start in range(0, n, batch_size):
-            b = min(batch_size, n - start)
-            codes = self.dalle.generate(text.expand(b, -1).to(self.device), generator=generator, **sampling)
+        for start in range(0, text.shape[0], batch_size):
+            rows = slice(start, start + batch_size)
+            codes = self.dalle.generate(text[rows].to(self.device), noise=noise[rows], **sampling)
             out.append(self.dvae.decode(codes).float().cpu())
             if progress is not None:
-                progress.update(b)
+                progress.update(codes.shape[0])
         return torch.cat(out)
+
+    def rank(self, prompt: str, images: list, keep: int, seed: int, consensus: float = CONSENSUS,
+             return_candidates: bool = False) -> PromptResult:
+        """Rerank one prompt's candidates (sampling order) and keep the `keep` best. Without a CLIP,
+        candidates keep their sampling order and scores are NaN."""
+        n = len(images)
+        if self.reranker is not None:
+            order, scores = self.reranker.rerank(prompt, images, keep=n, consensus=consensus)
+            order, scores = order.tolist(), scores.tolist()
+        else:
+            order, scores = list(range(n)), [float("nan")] * n
+        all_scores = [0.0] * n
+        for idx, s in zip(order, scores):
+            all_scores[idx] = s
+        return PromptResult(
+            prompt=prompt,
+            images=[images[j] for j in order[:keep]],
+            scores=scores[:keep],
+            ranks=list(range(keep)),
+            seed=seed,
+            candidates=list(images) if return_candidates else None,
+            candidate_scores=all_scores if return_candidates else None,
+        )
 
     def __call__(
         self,
@@ -200,35 +246,15 @@ class TextToImagePipeline:
         if keep > num_candidates:
             raise ValueError(f"keep={keep} > num_candidates={num_candidates}")
         consensus = CONSENSUS if consensus is None else check_consensus(consensus)
-        if temperature is None:
-            temperature = self.dalle.config.temperature
-        if guidance_scale is None:
-            guidance_scale = self.dalle.config.guidance_scale
-        sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance_scale)
+        sampling = self.sampling_options(temperature, top_k, top_p, guidance_scale)
         text = self.encode_prompts(prompts)
         bar = tqdm(total=len(prompts) * num_candidates, desc="candidates", unit="img",
                    disable=not progress, leave=False)
         results = []
         for i, prompt in enumerate(prompts):
-            g = torch.Generator(device=self.device).manual_seed(seed + i)
-            images = to_pil(self.sample(text[i:i + 1], num_candidates, generator=g,
+            rows = text[i:i + 1].expand(num_candidates, -1)
+            images = to_pil(self.sample(rows, self.candidate_noise(seed + i, num_candidates),
                                         batch_size=batch_size, progress=bar, **sampling))
-            if self.reranker is not None:
-                order, scores = self.reranker.rerank(prompt, images, keep=num_candidates, consensus=consensus)
-                order, scores = order.tolist(), scores.tolist()
-            else:
-                order, scores = list(range(num_candidates)), [float("nan")] * num_candidates
-            all_scores = [0.0] * num_candidates
-            for idx, s in zip(order, scores):
-                all_scores[idx] = s
-            results.append(PromptResult(
-                prompt=prompt,
-                images=[images[j] for j in order[:keep]],
-                scores=scores[:keep],
-                ranks=list(range(keep)),
-                seed=seed + i,
-                candidates=images if return_candidates else None,
-                candidate_scores=all_scores if return_candidates else None,
-            ))
+            results.append(self.rank(prompt, images, keep, seed + i, consensus, return_candidates))
         bar.close()
         return results

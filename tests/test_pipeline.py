@@ -114,6 +114,7 @@ def test_sampling_defaults_to_the_priors_configured_values(pipe, name, configure
     (dict(prompts=["red"], num_candidates=0), "num_candidates"),
     (dict(prompts=["red"], temperature=0.0), "temperature"),
     (dict(prompts=["red"], top_k=0), "top_k"),
+    (dict(prompts=["red"], top_p=0.0), "top_p"),
     (dict(prompts=["red"], consensus=-1.0), "consensus"),
 ])
 def test_invalid_arguments(pipe, kwargs, name):
