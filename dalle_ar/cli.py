@@ -20,6 +20,7 @@ COMMANDS = [
     ("dalle_ar.generate", "add_pipeline_parser"), # dalle-ar pipeline --tokenizer --dvae --dalle [--clip] --out
     ("dalle_ar.generate", "add_parser"),          # dalle-ar generate ...
     ("dalle_ar.demo", "add_parser"),              # dalle-ar demo --out DIR
+    ("dalle_ar.serve.cli", "add_parser"),         # dalle-ar serve --model DIR [--port 8000 ...]
 ]
 
 

@@ -152,8 +152,10 @@ class TextToImagePipeline:
 
     # ---- generation --------------------------------------------------------------------------
 
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        return self.tokenizer.encode(prompts, length=self.dalle.config.text_len, truncation="warn")
+    def encode_prompts(self, prompts: list[str], truncation: str = "warn") -> torch.Tensor:
+        """-> LongTensor [len(prompts), text_len]; a longer prompt is cut with a warning, or refused
+        with a ValueError (truncation="error")."""
+        return self.tokenizer.encode(prompts, length=self.dalle.config.text_len, truncation=truncation)
 
     @property
     def image_size(self) -> int:
