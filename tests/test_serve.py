@@ -87,9 +87,9 @@ def metric(text: str, name: str, **labels) -> float:
 class ServerThread:
     """A real uvicorn server on a free 127.0.0.1 port, in this process (so a test can reach its app)."""
 
-    def __init__(self, app):
+    def __init__(self, app, **config):
         self.app = app
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", **config))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self):
@@ -309,19 +309,22 @@ def test_batches_merge_requests_and_keep_each_requests_images(pipe):
         for i in range(4):
             batcher.cancel(batcher.jobs[f"x{i}"])
         batcher.start()
-        results = await asyncio.gather(*futures)
+        answers = await asyncio.gather(*futures)
         await batcher.stop()
-        return results
+        return answers
 
-    results = asyncio.run(run())
+    answers = asyncio.run(run())
+
     # Batches: [#0 3 + #2 1], [#1 1 (another temperature)], [#2 1 + #3 3], [#3 1].
     reg = metrics.registry
     assert reg.get_sample_value("dalle_ar_batch_candidates_count") == 4
     assert reg.get_sample_value("dalle_ar_batch_candidates_sum") == 10
     assert reg.get_sample_value("dalle_ar_batch_requests_sum") == 6
-    for (prompt, c, keep, seed, kw), res in zip(specs, results):
+    for (prompt, c, keep, seed, kw), answer in zip(specs, answers):
+        res = answer.result
         pixels, scores = expected(pipe, prompt, c, keep, seed, **kw)
         got = [np.asarray(im) for im in res.images]
+        assert all(np.array_equal(png(data), want) for data, want in zip(answer.pngs, got))
         assert len(got) == keep and all(np.array_equal(a, b) for a, b in zip(got, pixels))
         assert res.scores == pytest.approx(scores, abs=1e-4)
 
@@ -344,6 +347,19 @@ def test_disconnected_clients_are_dropped(pipe):
         text = httpx.get(server.url + "/metrics").text
         assert metric(text, "dalle_ar_requests_dropped_total") == 2
         assert metric(text, "dalle_ar_candidates_total") == 1  # nothing sampled for the dropped ones
+
+
+def test_behind_a_proxy_that_strips_a_path_prefix(pipe):
+    """nginx `location /dalle/ { proxy_pass http://127.0.0.1:PORT/; }` + --root-path /dalle: image URLs
+    and the page's relative calls carry the prefix."""
+    with ServerThread(create_app(pipe), root_path="/dalle") as server:
+        r = httpx.post(server.url + GEN, json={"prompt": PROMPT, "candidates": 1},
+                       headers={"X-Forwarded-Proto": "https", "Host": "example.org"}, timeout=60)
+        assert r.status_code == 200, r.text
+        url = r.json()["data"][0]["url"]
+        assert url.startswith("https://example.org/dalle/v1/images/files/"), url
+        image = httpx.get(server.url + url.removeprefix("https://example.org/dalle"))
+        assert image.status_code == 200 and png(image.content).shape == (16, 16, 3)
 
 
 def free_port() -> int:
@@ -417,7 +433,6 @@ def chromium():
     return browser, driver
 
 
-@pytest.mark.slow
 def test_web_page_in_headless_chromium(pipe, tmp_path):
     """Type a prompt, press Generate, see the progress indicator, then the ranked grid with scores
     and download links. DALLE_AR_SERVE_MODEL=DIR serves another pipeline (e.g. the demo's) and

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
-import io
 import logging
 import math
 import os
@@ -70,9 +69,10 @@ class ImageStore:
 class Server:
     """What the routes share: settings, and the pipeline and batcher once loaded."""
 
-    def __init__(self, model_name: str, max_batch: int, max_queue: int, api_key: Optional[str],
+    def __init__(self, model_name: str, max_batch: int, max_queue: int, batch_wait: float, api_key: Optional[str],
                  default_candidates: int, max_candidates: int, store_size: int):
         self.model_name, self.max_batch, self.max_queue, self.api_key = model_name, max_batch, max_queue, api_key
+        self.batch_wait = batch_wait
         self.default_candidates, self.max_candidates = default_candidates, max_candidates
         self.store, self.metrics = ImageStore(store_size), Metrics()
         self.pipeline: Optional[TextToImagePipeline] = None
@@ -81,7 +81,7 @@ class Server:
         self.created = int(time.time())
 
     def attach(self, pipeline: TextToImagePipeline) -> None:
-        self.batcher = Batcher(pipeline, self.max_batch, self.max_queue, self.metrics)
+        self.batcher = Batcher(pipeline, self.max_batch, self.max_queue, self.batch_wait, self.metrics)
         self.batcher.start()
         self.metrics.watch(self.batcher)
         self.pipeline = pipeline
@@ -104,13 +104,14 @@ class Server:
 
 
 def create_app(pipeline: Union[TextToImagePipeline, Callable[[], TextToImagePipeline]], *,
-               model_name: str = "dalle-ar", max_batch: int = 16, max_queue: int = 64,
+               model_name: str = "dalle-ar", max_batch: int = 16, max_queue: int = 64, batch_wait: float = 0.5,
                api_key: Optional[str] = None, default_candidates: int = 8,
                max_candidates: int = MAX_CANDIDATES, url_store_size: int = 1024) -> FastAPI:
     """The FastAPI app serving `pipeline`, or a zero-argument function that loads one (called on a
     thread at startup; /healthz answers 503 until it returns).
 
     max_batch: candidates sampled together at most; max_queue: waiting requests before 429;
+    batch_wait: seconds a batch may wait for as many candidates as the last one held (batcher.py);
     api_key (or the DALLE_AR_API_KEY environment variable): required as `Authorization: Bearer KEY`
     on /v1/ (401 otherwise); default_candidates: candidates per request when it names none.
     """
@@ -120,7 +121,10 @@ def create_app(pipeline: Union[TextToImagePipeline, Callable[[], TextToImagePipe
             raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
     if api_key is None:
         api_key = os.environ.get(API_KEY_ENV) or None
-    s = Server(model_name, max_batch, max_queue, api_key, default_candidates, max_candidates, url_store_size)
+    if not isinstance(batch_wait, (int, float)) or isinstance(batch_wait, bool) or not 0 <= batch_wait < 60:
+        raise ValueError(f"batch_wait must be a number of seconds in [0, 60), got {batch_wait!r}")
+    s = Server(model_name, max_batch, max_queue, batch_wait, api_key, default_candidates, max_candidates,
+               url_store_size)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -248,14 +252,13 @@ def create_app(pipeline: Union[TextToImagePipeline, Callable[[], TextToImagePipe
             log.info("request %s dropped: client disconnected", job.id)
             return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
         try:
-            result = future.result()
+            answer = future.result()
         except Exception as e:
             log.error("request %s failed: %s", job.id, e)
             raise APIError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error",
                            code="generation_failed") from None
-        pngs = await asyncio.to_thread(lambda: [png_bytes(im) for im in result.images])
-        data = []
-        for png, score, rank in zip(pngs, result.scores, result.ranks):
+        result, data = answer.result, []
+        for png, score, rank in zip(answer.pngs, result.scores, result.ranks):
             item = ({"b64_json": base64.b64encode(png).decode()} if body.response_format == "b64_json"
                     else {"url": str(request.url_for("image_file", name=s.store.put(png)))})
             item.update(revised_prompt=result.prompt, score=score if math.isfinite(score) else None, rank=rank)
@@ -315,19 +318,15 @@ async def answered_or_gone(future: asyncio.Future, request: Request) -> bool:
     return future.done()
 
 
-def png_bytes(image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def serve(model_dir, host: str = "127.0.0.1", port: int = 8000, *, max_batch: int = 16, max_queue: int = 64,
-          api_key: Optional[str] = None, default_candidates: int = 8, device: str = "cpu",
+          batch_wait: float = 0.5, api_key: Optional[str] = None, default_candidates: int = 8, device: str = "cpu",
           clip: Optional[str] = None, model_name: Optional[str] = None, root_path: str = "",
-          log_level: str = "info") -> None:
+          threads: Optional[int] = None, log_level: str = "info") -> None:
     """Serve the pipeline directory `model_dir` with uvicorn until interrupted. The model loads
     on a thread while the server already answers /healthz (503 until loaded). root_path: the
-    path prefix a reverse proxy serves this under (e.g. "/dalle")."""
+    path prefix a reverse proxy serves this under (e.g. "/dalle"); threads: torch's CPU threads
+    for sampling (None: torch's default)."""
+    import torch
     import uvicorn
 
     d = Path(model_dir)
@@ -335,7 +334,12 @@ def serve(model_dir, host: str = "127.0.0.1", port: int = 8000, *, max_batch: in
         raise ValueError(f"model {d} is not a pipeline directory: no {PIPELINE_FILE}")
     if not isinstance(port, int) or not 0 <= port < 65536:
         raise ValueError(f"port must be an integer in [0, 65535], got {port!r}")
+    if threads is not None:
+        if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+            raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
+        torch.set_num_threads(threads)
     app = create_app(lambda: TextToImagePipeline.from_pretrained(d, device=device, clip=clip),
                      model_name=model_name or d.resolve().name, max_batch=max_batch, max_queue=max_queue,
+                     batch_wait=batch_wait,
                      api_key=api_key, default_candidates=default_candidates)
     uvicorn.run(app, host=host, port=port, root_path=root_path, log_level=log_level, timeout_graceful_shutdown=30)

@@ -2,7 +2,11 @@
 
 One asyncio task takes queued requests in arrival order, up to `max_batch` candidates whose
 sampling settings match those of the oldest request, and runs them as one batch on one worker
-thread, so the event loop keeps answering while the model samples. A request with more
+thread, so the event loop keeps answering while the model samples. Clients answered by one batch
+tend to send again a moment later; so while fewer candidates wait than the last batch held, the
+next batch is held open for them, until `batch_wait` seconds after the oldest request arrived and
+never longer than a batch takes (waiting longer would cost more than sampling twice). Requests sent
+one at a time never wait: the last batch held one. A request with more
 candidates than `max_batch` spans several batches. Every candidate samples with its own
 request's uniforms (`TextToImagePipeline.candidate_noise`), so a request's images are the same
 whoever it shares a batch with. A request cancelled while it waits (its client went away) is
@@ -12,6 +16,7 @@ dropped from the batches still to come.
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import math
 import time
@@ -34,6 +39,21 @@ class QueueFull(Exception):
     def __init__(self, retry_after: int):
         super().__init__(f"the queue is full; retry after {retry_after} s")
         self.retry_after = retry_after
+
+
+@dataclass
+class Answer:
+    """A finished job: the pipeline's result and its kept images as PNG files (encoded on the
+    worker thread, so the event loop only sends them)."""
+
+    result: PromptResult
+    pngs: list
+
+
+def png_bytes(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 @dataclass(eq=False)
@@ -66,11 +86,16 @@ class Job:
 class Batcher:
     """Queue + batch loop around one pipeline. Start it inside a running event loop."""
 
-    def __init__(self, pipeline: TextToImagePipeline, max_batch: int = 16, max_queue: int = 64, metrics=None):
+    def __init__(self, pipeline: TextToImagePipeline, max_batch: int = 16, max_queue: int = 64,
+                 batch_wait: float = 0.5, metrics=None):
         for name, v in (("max_batch", max_batch), ("max_queue", max_queue)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if not isinstance(batch_wait, (int, float)) or isinstance(batch_wait, bool) or not 0 <= batch_wait < 60:
+            raise ValueError(f"batch_wait must be a number of seconds in [0, 60), got {batch_wait!r}")
         self.pipeline, self.max_batch, self.max_queue, self.metrics = pipeline, max_batch, max_queue, metrics
+        self.batch_wait = batch_wait
+        self.last_batch = 0  # candidates in the last batch
         self.queue: deque[Job] = deque()   # jobs with candidates not yet handed to a batch
         self.jobs: dict[str, Job] = {}     # every unanswered job, by id
         self.in_flight: list[tuple[Job, int, int]] = []
@@ -97,7 +122,7 @@ class Batcher:
     # ---- requests ------------------------------------------------------------------------------
 
     def submit(self, job: Job) -> asyncio.Future:
-        """Queue a job -> a future of its PromptResult. Raises QueueFull when max_queue jobs wait."""
+        """Queue a job -> a future of its Answer. Raises QueueFull when max_queue jobs wait."""
         if len(self.queue) >= self.max_queue:
             raise QueueFull(self.retry_after())
         if job.id in self.jobs:
@@ -182,8 +207,12 @@ class Batcher:
             while not self.queue:
                 self._wake.clear()
                 await self._wake.wait()
+            await self._fill()
+            if not self.queue:  # all cancelled meanwhile
+                continue
             batch = self._take()
             self.in_flight, self.batch_started = batch, time.monotonic()
+            self.last_batch = sum(b - a for _, a, b in batch)
             try:
                 finished, sampled = await loop.run_in_executor(self._executor, self._run, batch)
             except Exception as e:  # the whole batch fails; later batches still run
@@ -204,6 +233,21 @@ class Batcher:
                 if not job.future.done():
                     job.future.set_result(result)
 
+    async def _fill(self) -> None:
+        """Wait until as many candidates are queued as the last batch held (at most max_batch), or
+        until min(batch_wait, a batch's time) has passed since the oldest request arrived."""
+        target = min(self.max_batch, self.last_batch)
+        wait = min(self.batch_wait, self.seconds_per_batch or self.batch_wait)
+        while self.queue and self.queued_candidates() < target:
+            left = self.queue[0].submitted + wait - time.monotonic()
+            if left <= 0:
+                return
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), left)
+            except asyncio.TimeoutError:
+                return
+
     def _fail(self, job: Job, error: Exception) -> None:
         if job in self.queue:
             self.queue.remove(job)
@@ -211,9 +255,9 @@ class Batcher:
         if not job.future.done():
             job.future.set_exception(error)
 
-    def _run(self, batch: list[tuple[Job, int, int]]) -> tuple[list[tuple[Job, PromptResult]], int]:
+    def _run(self, batch: list[tuple[Job, int, int]]) -> tuple[list[tuple[Job, Answer]], int]:
         """On the worker thread: sample and decode the batch, rerank the jobs it completes
-        -> (finished jobs and their results, candidates sampled)."""
+        -> (finished jobs and their answers, candidates sampled)."""
         rows = [(job, a, b) for job, a, b in batch if not job.cancelled]
         if not rows:
             return [], 0
@@ -229,6 +273,6 @@ class Batcher:
             job.done += b - a
             i += b - a
             if job.done == job.candidates and not job.cancelled:
-                finished.append((job, self.pipeline.rank(job.prompt, job.images, job.keep, job.seed,
-                                                         job.consensus)))
+                result = self.pipeline.rank(job.prompt, job.images, job.keep, job.seed, job.consensus)
+                finished.append((job, Answer(result, [png_bytes(im) for im in result.images])))
         return finished, len(text)
