@@ -36,7 +36,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..pipeline import PIPELINE_FILE, TextToImagePipeline
-from .batcher import Batcher, Job, QueueFull
+from .batcher import Batcher, Job, QueueFull, check_settings
 from .metrics import Metrics
 from .schema import APIError, ImageRequest, validation_error
 
@@ -115,14 +115,10 @@ def create_app(pipeline: Union[TextToImagePipeline, Callable[[], TextToImagePipe
     api_key (or the DALLE_AR_API_KEY environment variable): required as `Authorization: Bearer KEY`
     on /v1/ (401 otherwise); default_candidates: candidates per request when it names none.
     """
-    for name, v in (("max_batch", max_batch), ("max_queue", max_queue), ("default_candidates", default_candidates),
-                    ("max_candidates", max_candidates), ("url_store_size", url_store_size)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    check_settings(max_batch=max_batch, max_queue=max_queue, batch_wait=batch_wait,
+                   default_candidates=default_candidates, max_candidates=max_candidates, url_store_size=url_store_size)
     if api_key is None:
         api_key = os.environ.get(API_KEY_ENV) or None
-    if not isinstance(batch_wait, (int, float)) or isinstance(batch_wait, bool) or not 0 <= batch_wait < 60:
-        raise ValueError(f"batch_wait must be a number of seconds in [0, 60), got {batch_wait!r}")
     s = Server(model_name, max_batch, max_queue, batch_wait, api_key, default_candidates, max_candidates,
                url_store_size)
 

@@ -33,6 +33,15 @@ from ..rerank import CONSENSUS
 log = logging.getLogger(__name__)
 
 
+def check_settings(batch_wait: float = 0.0, **counts: int) -> None:
+    """ValueError naming the first bad one: counts are integers >= 1, batch_wait seconds in [0, 60)."""
+    for name, v in counts.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    if not isinstance(batch_wait, (int, float)) or isinstance(batch_wait, bool) or not 0 <= batch_wait < 60:
+        raise ValueError(f"batch_wait must be a number of seconds in [0, 60), got {batch_wait!r}")
+
+
 class QueueFull(Exception):
     """The queue holds max_queue requests; retry_after: seconds until it has likely drained."""
 
@@ -88,11 +97,7 @@ class Batcher:
 
     def __init__(self, pipeline: TextToImagePipeline, max_batch: int = 16, max_queue: int = 64,
                  batch_wait: float = 0.5, metrics=None):
-        for name, v in (("max_batch", max_batch), ("max_queue", max_queue)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-        if not isinstance(batch_wait, (int, float)) or isinstance(batch_wait, bool) or not 0 <= batch_wait < 60:
-            raise ValueError(f"batch_wait must be a number of seconds in [0, 60), got {batch_wait!r}")
+        check_settings(max_batch=max_batch, max_queue=max_queue, batch_wait=batch_wait)
         self.pipeline, self.max_batch, self.max_queue, self.metrics = pipeline, max_batch, max_queue, metrics
         self.batch_wait = batch_wait
         self.last_batch = 0  # candidates in the last batch
