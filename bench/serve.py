@@ -41,7 +41,8 @@ def build_demo_sized_pipeline(out: Path) -> Path:
     from dalle_ar.data.shapes import val_captions
     from dalle_ar.dvae import DiscreteVAE, DVAEConfig
     from dalle_ar.pipeline import TextToImagePipeline
-    from dalle_ar.rerank import CLIPReranker, SmallCLIPConfig, build_small_clip
+    from dalle_ar.clip import SmallCLIPConfig, build_small_clip
+    from dalle_ar.rerank import CLIPReranker
     from dalle_ar.tokenizer import TextTokenizer
 
     torch.manual_seed(0)

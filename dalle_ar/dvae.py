@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from . import io
+from .checks import check_state_dict, check_tokens
 
 LOSSES = ("logit_laplace", "mse")
 
@@ -112,9 +113,9 @@ class Conv2d(nn.Module):
     """
 
     # Without autograd (encode, decode, the frozen encoder of the decoder-only phase) convolutions run
-    # channels-last, input and a per-call copy of the weight: ~2x the images/s of the default layout
-    # on CPU (bench/dvae.py). Training keeps the default layout: the relaxed phase's outcome depends on
-    # floating-point details (docs/benchmarks.md), and this one reproduces the measured shipped run.
+    # channels-last, input and a per-call copy of the weight: faster on CPU (figures: docs/benchmarks.md,
+    # bench/dvae.py). Training keeps the default layout: the relaxed phase's outcome depends on
+    # floating-point details, and this layout reproduces the shipped run.
     inference_memory_format = torch.channels_last
 
     def __init__(self, n_in: int, n_out: int, kw: int):
@@ -282,19 +283,8 @@ class DiscreteVAE(nn.Module):
         return images
 
     def _check_codes(self, codes) -> torch.Tensor:
-        c = self.config
-        if not isinstance(codes, torch.Tensor) or codes.is_floating_point() or codes.is_complex() \
-                or codes.dtype == torch.bool:
-            got = codes.dtype if isinstance(codes, torch.Tensor) else type(codes).__name__
-            raise ValueError(f"codes must be an integer tensor, got {got}")
         g = self.grid_size
-        if codes.dim() != 3 or tuple(codes.shape[1:]) != (g, g):
-            raise ValueError(f"codes must have shape [B, {g}, {g}] (grid_size), got {tuple(codes.shape)}")
-        if codes.numel():
-            lo, hi = torch.aminmax(codes)
-            if lo < 0 or hi >= c.vocab_size:
-                raise ValueError(f"codes must be in [0, vocab_size={c.vocab_size}), got values in [{int(lo)}, {int(hi)}]")
-        return codes.long()
+        return check_tokens("codes", codes, (None, g, g), self.config.vocab_size, "vocab_size")
 
     def _pixels(self, stats):
         """Decoder statistics -> [0,1] images: logit-Laplace: sigmoid of mu, unmapped; mse: mu, unmapped."""
@@ -418,7 +408,7 @@ class DiscreteVAE(nn.Module):
             state_dict = self.ema_state_dict()
         elif state_dict is None:
             state_dict = expected
-        _check_state_dict(state_dict, expected, "state_dict")
+        check_state_dict(state_dict, expected, "state_dict", "the DVAEConfig")
         return io.save_pretrained(directory, self.config, state_dict)
 
     @classmethod
@@ -430,13 +420,3 @@ class DiscreteVAE(nn.Module):
         model = cls(io.load_config(directory, DVAEConfig))
         io.load_weights(directory, model)
         return model.to(device or "cpu").eval()
-
-
-def _check_state_dict(state_dict: dict, expected: dict, what: str) -> None:
-    """ValueError naming missing, unexpected and mis-shaped tensors."""
-    missing, unexpected = sorted(set(expected) - set(state_dict)), sorted(set(state_dict) - set(expected))
-    bad = sorted(f"{k} {tuple(state_dict[k].shape)} != {tuple(expected[k].shape)}"
-                 for k in set(expected) & set(state_dict) if tuple(state_dict[k].shape) != tuple(expected[k].shape))
-    if missing or unexpected or bad:
-        raise ValueError(f"{what} does not match the DVAEConfig: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}, shape mismatch {bad[:5]}")

@@ -13,7 +13,7 @@ CAPTIONS = ["a small red circle in the top left", "a large blue square in the ce
 
 def save_tiny_parts(root: Path) -> Path:
     """root/{tokenizer,dvae,dalle,clip}: 16 px images, an 8 x 8 code grid, a 12-token text."""
-    from dalle_ar.rerank import SmallCLIPConfig, build_small_clip
+    from dalle_ar.clip import SmallCLIPConfig, build_small_clip
     from dalle_ar.tokenizer import TextTokenizer
 
     torch.manual_seed(0)

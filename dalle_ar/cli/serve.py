@@ -1,4 +1,4 @@
-"""`dalle-ar serve`: argument parsing only; the server is dalle_ar.serve.app.serve."""
+"""`dalle-ar serve`: an OpenAI-compatible images API, dynamic batching and a web page over a pipeline."""
 
 import argparse
 
@@ -15,7 +15,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-batch", type=int, default=16, help="candidates sampled together at most")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 429")
     p.add_argument("--batch-wait", type=float, default=0.5,
-                   help="seconds a batch may wait for as many candidates as the last batch held (never longer than a batch takes)")
+                   help="seconds a batch may wait for as many candidates as the last batch held "
+                        "(never longer than a batch takes)")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1/ (default: $DALLE_AR_API_KEY, else none)")
     p.add_argument("--candidates", type=int, default=8, help="candidates per request that names none")
@@ -28,11 +29,11 @@ def add_parser(subparsers) -> None:
 
 def _run(args) -> int:
     try:
-        from .app import serve
+        from dalle_ar.serve import serve  # FastAPI, uvicorn: the serve extra
     except ImportError as e:
         raise ValueError(f"the server needs the serve extra ({e.name} is missing): "
                          "pip install 'dalle-ar[serve]'") from None
     serve(args.model, args.host, args.port, max_batch=args.max_batch, max_queue=args.max_queue,
-          batch_wait=args.batch_wait, api_key=args.api_key, default_candidates=args.candidates, device=args.device, clip=args.clip,
-          root_path=args.root_path, threads=args.threads)
+          batch_wait=args.batch_wait, api_key=args.api_key, default_candidates=args.candidates,
+          device=args.device, clip=args.clip, root_path=args.root_path, threads=args.threads)
     return 0

@@ -1,0 +1,24 @@
+"""`dalle-ar convert openai-dvae`: OpenAI's released dVAE (encoder.pkl + decoder.pkl) -> a dVAE directory."""
+
+from __future__ import annotations
+
+from dalle_ar import convert
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("convert", help="convert third-party weights into dalle-ar directories")
+    sub = p.add_subparsers(dest="source", metavar="SOURCE", required=True)
+    o = sub.add_parser("openai-dvae", help="OpenAI's released dVAE (dall_e encoder.pkl + decoder.pkl)",
+                       description=f"{__doc__.split(': ', 1)[1]} {convert.INSTALL_HINT[0].upper()}{convert.INSTALL_HINT[1:]}")
+    o.add_argument("--encoder", required=True, help="OpenAI's encoder.pkl")
+    o.add_argument("--decoder", required=True, help="OpenAI's decoder.pkl")
+    o.add_argument("--out", required=True, help="output directory (config.json + model.safetensors)")
+    o.add_argument("--image-size", type=int, default=convert.OPENAI_IMAGE_SIZE,
+                   help=f"image size the dVAE expects (default {convert.OPENAI_IMAGE_SIZE}, as trained by OpenAI)")
+    o.set_defaults(func=_openai_dvae)
+
+
+def _openai_dvae(args) -> int:
+    out = convert.convert_openai_dvae(args.encoder, args.decoder, args.out, image_size=args.image_size)
+    print(f"wrote {out}")
+    return 0
