@@ -163,26 +163,19 @@ class Batcher:
         if running:
             elapsed = time.monotonic() - self.batch_started
             done += running * (min(elapsed / per_batch, 0.95) if per_batch else 0.5)
-        ahead = 0
+        ahead = waiting = 0  # requests and candidates queued before this job
         for other in self.queue:
             if other is job:
                 break
             ahead += 1
+            waiting += other.candidates - other.taken
         state = "queued" if job.started is None else "sampling"
         eta = None
         if per_batch:
-            todo = self.queued_candidates_until(job) + (job.candidates - job.taken)
+            todo = waiting + job.candidates - job.taken
             eta = round((math.ceil(todo / self.max_batch) + bool(self.in_flight)) * per_batch, 1)
         return {"id": job.id, "state": state, "requests_ahead": ahead if state == "queued" else 0,
                 "candidates": job.candidates, "progress": round(done / job.candidates, 3), "eta_seconds": eta}
-
-    def queued_candidates_until(self, job: Job) -> int:
-        n = 0
-        for other in self.queue:
-            if other is job:
-                break
-            n += other.candidates - other.taken
-        return n
 
     # ---- the batch loop ------------------------------------------------------------------------
 
