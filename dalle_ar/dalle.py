@@ -247,7 +247,8 @@ class DALLE(nn.Module):
                  top_p: Optional[float] = None, guidance_scale: float = 1.0,
                  generator: Optional[torch.Generator] = None, prime: Optional[torch.Tensor] = None,
                  null_text: Optional[torch.Tensor] = None,
-                 callback: Optional[Callable[[int, torch.Tensor], None]] = None) -> torch.Tensor:
+                 callback: Optional[Callable[[int, torch.Tensor], None]] = None,
+                 noise: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Sample image codes for text Long[B, T] -> Long[B, h, w].
 
         temperature > 0 divides the logits; top_k keeps the k likeliest codes, top_p the smallest
@@ -258,6 +259,9 @@ class DALLE(nn.Module):
         fixes the first r rows; they are returned unchanged. `null_text` Long[B, T] replaces the null
         caption in the unconditional branch of guidance (a negative prompt). `callback(i, codes)`
         runs after image code i is drawn, codes Long[B, N] filled up to i (progress bars, timing).
+        `noise` float [B, h*w - r] in [0, 1): the uniforms to sample with instead of drawing them from
+        `generator` (row b of a batch gets the same codes as alone with row b of noise, e.g. rows of
+        differently seeded prompts).
         """
         c = self.config
         text = self.check_text(text)
@@ -292,8 +296,15 @@ class DALLE(nn.Module):
             prime = prime.repeat(2, 1) if prime is not None else None
         # All uniforms up front, [B, steps]: sample b's draws do not depend on B. Step-major copy,
         # so that each step reads one contiguous row.
-        noise = torch.rand(B, N - n0, generator=generator,
-                           device=generator.device if generator is not None else "cpu").to(device).t().contiguous()
+        if noise is None:
+            noise = torch.rand(B, N - n0, generator=generator,
+                               device=generator.device if generator is not None else "cpu")
+        elif not isinstance(noise, torch.Tensor) or not noise.is_floating_point() \
+                or tuple(noise.shape) != (B, N - n0):
+            raise ValueError(f"noise must be a float tensor of shape [{B}, {N - n0}] (batch, image tokens "
+                             f"to sample), got {getattr(noise, 'dtype', type(noise).__name__)} "
+                             f"{list(getattr(noise, 'shape', []))}")
+        noise = noise.to(device).t().contiguous()
 
         was_training = self.training
         self.eval()

@@ -201,8 +201,32 @@ class TextToImagePipeline:
 
     # ---- generation --------------------------------------------------------------------------
 
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        return self.tokenizer.encode(prompts, length=self.dalle.config.text_len, truncation="warn")
+    def encode_prompts(self, prompts: list[str], truncation: str = "warn") -> torch.Tensor:
+        """-> LongTensor [len(prompts), text_len]; a longer prompt is cut with a warning, or refused
+        with a ValueError (truncation="error")."""
+        return self.tokenizer.encode(prompts, length=self.dalle.config.text_len, truncation=truncation)
+
+    @property
+    def image_size(self) -> int:
+        """Side in pixels of the (square) images this pipeline makes."""
+        return self.dvae.config.image_size
+
+    def sampling_options(self, temperature: Optional[float] = None, top_k: Optional[int] = None,
+                         top_p: Optional[float] = None, guidance_scale: Optional[float] = None) -> dict:
+        """DALLE.generate's sampling keywords; temperature and guidance_scale None -> the prior's
+        configured values."""
+        c = self.dalle.config
+        return dict(temperature=c.temperature if temperature is None else temperature, top_k=top_k, top_p=top_p,
+                    guidance_scale=c.guidance_scale if guidance_scale is None else guidance_scale)
+
+    def candidate_noise(self, seed: int, n: int) -> torch.Tensor:
+        """The uniforms [n, image tokens] that candidates 0..n-1 of a prompt seeded `seed` sample with.
+
+        Drawn up front, one generator per prompt: a candidate's image depends on its prompt, seed
+        and index only, never on the batch it is sampled in (which the server relies on).
+        """
+        g = torch.Generator(device=self.device).manual_seed(seed)
+        return torch.rand(n, self.dalle.num_image_tokens, generator=g, device=self.device)
 
     def encode_image(self, image, name: str = "init_image") -> torch.Tensor:
         """A PIL image (any mode: converted to RGB; square of any size: resized to the decoder's
@@ -251,6 +275,47 @@ class TextToImagePipeline:
             if progress is not None:
                 progress.update(b)
         return torch.cat(codes), (torch.cat(images) if decode else None)
+
+    @torch.no_grad()
+    def sample_rows(self, text: torch.Tensor, noise: torch.Tensor, *, batch_size: int, progress=None,
+               **sampling) -> torch.Tensor:
+        """Images float [B,3,H,W] for rows of prompt tokens text [B,T] and their uniforms noise [B,N]
+        (rows may belong to different prompts), in chunks of batch_size."""
+        out = []
+        for start in range(0, text.shape[0], batch_size):
+            rows = slice(start, start + batch_size)
+            codes = self.dalle.generate(text[rows].to(self.device), noise=noise[rows], **sampling)
+            out.append(self.dvae.decode(codes).float().cpu())
+            if progress is not None:
+                progress.update(codes.shape[0])
+        return torch.cat(out)
+
+    def rank(self, prompt: str, images: Optional[list], keep: int, seed: Optional[int],
+             consensus: float = CONSENSUS, return_candidates: bool = False, *, outputs: Optional[list] = None,
+             codes: Optional[torch.Tensor] = None) -> PromptResult:
+        """Rerank one prompt's candidates (PIL `images`, in sampling order) and keep the `keep` best.
+        `outputs` (default: the images) are what the result holds, in the same order; `codes` Long[n, g, g]
+        the candidates' codes. Without a CLIP, candidates keep their sampling order and scores are NaN."""
+        outputs = images if outputs is None else outputs
+        n = len(outputs)
+        if self.reranker is not None:
+            order, scores = self.reranker.rerank(prompt, images, keep=n, consensus=consensus)
+            order, scores = order.tolist(), scores.tolist()
+        else:
+            order, scores = list(range(n)), [float("nan")] * n
+        all_scores = [0.0] * n
+        for idx, sc in zip(order, scores):
+            all_scores[idx] = sc
+        return PromptResult(
+            prompt=prompt,
+            images=[outputs[j] for j in order[:keep]],
+            scores=scores[:keep],
+            ranks=list(range(keep)),
+            seed=seed,
+            candidates=list(outputs) if return_candidates else None,
+            candidate_scores=all_scores if return_candidates else None,
+            codes=None if codes is None else [codes[j] for j in order[:keep]],
+        )
 
     def __call__(
         self,
@@ -315,13 +380,9 @@ class TextToImagePipeline:
             if not isinstance(keep_rows, int) or isinstance(keep_rows, bool) or not 1 <= keep_rows < g:
                 raise ValueError(f"keep_rows must be an int in [1, {g - 1}] (the image has {g} rows of codes), "
                                  f"got {keep_rows!r}")
-        if temperature is None:
-            temperature = self.dalle.config.temperature
-        if guidance_scale is None:
-            guidance_scale = self.dalle.config.guidance_scale
-        if negatives is not None and guidance_scale == 1:
+        sampling = self.sampling_options(temperature, top_k, top_p, guidance_scale)
+        if negatives is not None and sampling["guidance_scale"] == 1:
             log.warning("negative_prompt has no effect without guidance (guidance_scale=1)")
-        sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance_scale)
         text = self.encode_prompts(prompts)
         null = self.encode_prompts(negatives) if negatives is not None else None
         primes = None
@@ -351,25 +412,9 @@ class TextToImagePipeline:
                                             null_text=None if null is None else null[i:i + 1],
                                             on_step=on_step, decode=decode, **sampling)
                 pil = to_pil(images) if images is not None else None
-                if self.reranker is not None:
-                    order, scores = self.reranker.rerank(prompt, pil, keep=num_candidates, consensus=consensus)
-                    order, scores = order.tolist(), scores.tolist()
-                else:
-                    order, scores = list(range(num_candidates)), [float("nan")] * num_candidates
-                all_scores = [0.0] * num_candidates
-                for idx, sc in zip(order, scores):
-                    all_scores[idx] = sc
-                out = _convert(output_type, codes, images, pil)
-                results.append(PromptResult(
-                    prompt=prompt,
-                    images=[out[j] for j in order[:keep]],
-                    scores=scores[:keep],
-                    ranks=list(range(keep)),
-                    seed=None if generator is not None else (0 if seed is None else seed) + i,
-                    candidates=out if return_candidates else None,
-                    candidate_scores=all_scores if return_candidates else None,
-                    codes=[codes[j] for j in order[:keep]],
-                ))
+                results.append(self.rank(prompt, pil, keep, None if generator is not None else (seed or 0) + i,
+                                         consensus, return_candidates,
+                                         outputs=_convert(output_type, codes, images, pil), codes=codes))
         bar.close()
         return results
 

@@ -108,6 +108,13 @@ def test_engine_knows_no_stage():
         assert not bad, f"{module} imports {bad}"
 
 
+def test_the_server_is_a_client_of_the_pipeline():
+    """dalle_ar.serve reaches the models through the pipeline only: no engine, DeepSpeed, training or CLI."""
+    for module in _under(MODULES, ["dalle_ar.serve"]):
+        bad = _under(_reach(module), ["deepspeed", "dalle_ar.engine", "dalle_ar.train", "dalle_ar.cli"])
+        assert not bad, f"{module} reaches {bad}"
+
+
 def test_only_the_cli_parses_arguments_and_nothing_imports_it():
     """Library modules hold no argparse and never call the CLI (train/train_<stage>.py are launcher
     scripts: command lines themselves)."""

@@ -193,6 +193,19 @@ def test_same_seed_same_tokens_different_seed_different_tokens():
     assert a[:2].equal(model.generate(text[:2], generator=seeded(7)))
 
 
+@pytest.mark.parametrize("guidance_scale, top_p", [(1.0, None), (2.0, 0.9)])
+def test_noise_rows_from_different_seeds_batch_like_separate_calls(guidance_scale, top_p):
+    """Rows of one batch sampled with other seeds' uniforms (what the server's dynamic batching
+    does) give each row the codes its own seed gives it alone."""
+    model = make(MIXED)
+    text = batch(4)[0]
+    kw = dict(guidance_scale=guidance_scale, top_p=top_p)
+    alone = [model.generate(text[i:i + 1], generator=seeded(10 + i), **kw) for i in range(4)]
+    noise = torch.cat([torch.rand(1, G * G, generator=seeded(10 + i)) for i in range(4)])
+    assert model.generate(text, noise=noise, **kw).equal(torch.cat(alone))
+    assert model.generate(text[1:3], noise=noise[1:3], **kw).equal(torch.cat(alone[1:3]))
+
+
 def test_top_k_1_is_greedy_argmax_of_full_forward():
     model = make(MIXED)
     text = batch()[0]
@@ -353,6 +366,7 @@ GOOD_TEXT = torch.ones(2, T, dtype=torch.long)
     (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_p=-0.1), "top_p"),
     (dict(guidance_scale=-1.0), "guidance_scale"), (dict(guidance_scale=float("inf")), "guidance_scale"),
     (dict(generator=0), "generator"),
+    (dict(noise=torch.rand(2, G * G - 1)), "noise"), (dict(noise=torch.zeros(2, G * G, dtype=torch.long)), "noise"),
     (dict(prime=torch.zeros(2, G, G, dtype=torch.long)), "prime"),       # every row primed
     (dict(prime=torch.zeros(2, 1, G + 1, dtype=torch.long)), "prime"),   # wrong width
     (dict(prime=torch.zeros(3, 1, G, dtype=torch.long)), "prime"),       # wrong batch

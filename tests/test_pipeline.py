@@ -3,38 +3,18 @@
 import json
 
 import pytest
-import torch
 
 from dalle_ar.cli import main as cli_main
-from dalle_ar.dalle import DALLE, DALLEConfig
 from dalle_ar.dvae import DiscreteVAE, DVAEConfig
 from dalle_ar.pipeline import TextToImagePipeline
 from dalle_ar.generate import generate_to_folder, read_prompts
-
-CAPTIONS = ["a small red circle in the top left", "a large blue square in the center",
-            "a small green triangle in the bottom right", "red circle left of blue square"] * 4
+from tiny import save_tiny_parts
 
 
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
     """tokenizer, dVAE, prior and a small CLIP, each saved in its own directory."""
-    from dalle_ar.clip import SmallCLIPConfig, build_small_clip
-    from dalle_ar.tokenizer import TextTokenizer
-
-    root = tmp_path_factory.mktemp("parts")
-    torch.manual_seed(0)
-    tok = TextTokenizer.train(CAPTIONS, vocab_size=64, min_frequency=1)
-    tok.save_pretrained(root / "tokenizer")
-    dvae = DiscreteVAE(DVAEConfig(image_size=16, n_hid=8, group_count=2, vocab_size=16, n_init=8))
-    dvae.save_pretrained(root / "dvae")
-    dalle = DALLE(DALLEConfig(text_vocab_size=tok.vocab_size, text_len=12, image_vocab_size=16,
-                              image_grid=dvae.grid_size, dim=32, depth=2, heads=2))
-    dalle.save_pretrained(root / "dalle")
-    clip, clip_tok, processor = build_small_clip(tok, SmallCLIPConfig(), image_size=16, text_len=12)
-    clip.save_pretrained(root / "clip")
-    clip_tok.save_pretrained(root / "clip")
-    processor.save_pretrained(root / "clip")
-    return root
+    return save_tiny_parts(tmp_path_factory.mktemp("parts"))
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +94,7 @@ def test_sampling_defaults_to_the_priors_configured_values(pipe, name, configure
     (dict(prompts=["red"], num_candidates=0), "num_candidates"),
     (dict(prompts=["red"], temperature=0.0), "temperature"),
     (dict(prompts=["red"], top_k=0), "top_k"),
+    (dict(prompts=["red"], top_p=0.0), "top_p"),
     (dict(prompts=["red"], consensus=-1.0), "consensus"),
 ])
 def test_invalid_arguments(pipe, kwargs, name):

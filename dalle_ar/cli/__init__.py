@@ -8,6 +8,7 @@ One module per command group, each with `add_parser(subparsers)`:
     convert.py    dalle-ar convert openai-dvae
     generate.py   dalle-ar pipeline, dalle-ar generate
     demo.py       dalle-ar demo
+    serve.py      dalle-ar serve (the HTTP server: dalle_ar.serve, the serve extra)
 
 Library modules never import this package. Handlers import torch-heavy library code when they run,
 so that `dalle-ar --help` stays light.
@@ -16,11 +17,11 @@ so that `dalle-ar --help` stays light.
 import argparse
 import sys
 
-from . import convert, data, demo, generate, tokenizer, train
+from . import convert, data, demo, generate, serve, tokenizer, train
 from .common import parse_args, run_command
 
 # The command groups, in the order `dalle-ar --help` lists them.
-COMMANDS = [data, tokenizer, train, convert, generate, demo]
+COMMANDS = [data, tokenizer, train, convert, generate, demo, serve]
 
 
 def build_parser() -> argparse.ArgumentParser:
