@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from dalle_ar.cli import main as cli_main
 from dalle_ar.dvae import DiscreteVAE, DVAEConfig
