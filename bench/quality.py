@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import time
 
 import numpy as np
@@ -108,32 +107,11 @@ def scene_kinds(attrs) -> dict:
 
 # ---- judges --------------------------------------------------------------------------------------
 
-def digit_of(prompt: str) -> int:
-    return int(re.findall(r"\d", prompt)[-1])  # val_captions: "a handwritten digit 7"
-
-
-def downsample(image: Image.Image) -> np.ndarray:
-    """64x64 RGB -> flat 8x8 in [0, 16], like sklearn's digits: inverts digits.upscale."""
-    g = np.asarray(image.convert("L").resize((digits.SIZE, digits.SIZE), Image.Resampling.BILINEAR), np.float32)
-    m = digits.MARGIN
-    inner = g[m:digits.SIZE - m, m:digits.SIZE - m]
-    # upscale stretched v -> (v - 40) * 1.6 and clipped at 0: undo it where it is invertible.
-    inner = np.where(inner > 0, inner / 1.6 + 40.0, 0.0).astype(np.float32)
-    small = np.asarray(Image.fromarray(inner, "F").resize((8, 8), Image.Resampling.BOX))
-    return np.clip(small * (16.0 / 255.0), 0, 16).ravel()
-
-
 def digits_classifier(report: dict):
-    """SVC on the real training scans; report its accuracy on the held-out ones (raw and round-tripped)."""
-    from sklearn.svm import SVC
-
+    """SVC on the real training scans (digits.fit_reader); its accuracy on the held-out ones goes in the report."""
+    clf, report["classifier"] = digits.fit_reader()
     images, labels = digits.load_scans()
     val = np.arange(len(labels)) % digits.VAL_EVERY == 0
-    clf = SVC(gamma=0.001, C=10.0).fit(images[~val].reshape(-1, 64), labels[~val])
-    roundtrip = np.stack([downsample(digits.upscale(s)) for s in images[val]])
-    report["classifier"] = {"val_scans": int(val.sum()),
-                            "raw_8x8": float((clf.predict(images[val].reshape(-1, 64)) == labels[val]).mean()),
-                            "upscale_downsample": float((clf.predict(roundtrip) == labels[val]).mean())}
     return clf, images[val], labels[val]
 
 
@@ -224,7 +202,7 @@ def main(argv=None) -> None:
         columns, subsets = ("accuracy",), {}
 
         def judge(i, image):
-            return {"accuracy": bool(clf.predict(downsample(image)[None])[0] == digit_of(prompts[i]))}
+            return {"accuracy": bool(clf.predict(digits.to_scan(image)[None])[0] == digits.digit_of(prompts[i]))}
 
     rows, detail = [], []
     for g in settings:
@@ -255,7 +233,7 @@ def main(argv=None) -> None:
         detail.append(["-", name] + [entry[c] for c in columns])
     else:
         recon = reconstruct(pipe, np.stack([np.asarray(digits.upscale(s)) for s in val_scans]))
-        pred = clf.predict(np.stack([downsample(im) for im in recon]))
+        pred = clf.predict(np.stack([digits.to_scan(im) for im in recon]))
         entry = {"accuracy": float((pred == val_labels).mean())}
         rows.append(["-", f"dVAE recon ({len(recon)} real)", entry["accuracy"]])
     report["reconstruction"] = entry
@@ -274,7 +252,7 @@ def main(argv=None) -> None:
         print_table(["guidance", "pick", "accuracy"], rows)
         c = report["classifier"]
         print(f"classifier (SVC on real 8x8 scans) on {c['val_scans']} held-out real scans: raw {c['raw_8x8']:.3f}, "
-              f"after upscale + downsample {c['upscale_downsample']:.3f}")
+              f"after upscale + to_scan {c['upscale_to_scan']:.3f}")
 
     speed = [time_parts(pipe, prompts[:a.speed_prompts], a.candidates, g, a.seed)
              for g in tqdm(settings, desc="speed", leave=False)]

@@ -226,3 +226,14 @@ def test_demo_generation_sheet_check_and_last_lines(pipe_dir, tmp_path):
                           f"[demo] prompts.jsonl: {gen / 'prompts.jsonl'}"]
     assert lines[-1].startswith("[demo] check: ") and "single sample" in lines[-1] and "shapes checker" in lines[-1]
     assert all(line.startswith("[demo] ") for line in lines)  # nothing stray (a JSON dump) among them
+
+
+def test_demo_generation_checks_digits_with_the_scan_reader(pipe_dir, tmp_path):
+    pytest.importorskip("sklearn")
+    from dalle_ar.demo import generate_and_check, quality_line
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a handwritten digit 7\n")
+    info = generate_and_check(pipe_dir, prompts, tmp_path / "gen", data="digits", candidates=2, sheet=2)
+    assert info["check"]["prompts"] == 1 and info["check"]["candidates"] == 2
+    assert "read as the prompted digit" in quality_line(info["check"])
