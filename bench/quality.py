@@ -1,24 +1,27 @@
 """Quality report of a trained pipeline: does the image match the prompt, and how fast is it?
 
-    python bench/quality.py --pipeline /tmp/demo/pipeline                  # shapes, 48 prompts x 16
+    python bench/quality.py --pipeline /tmp/demo/pipeline                  # shapes, 128 prompts x 16
     python bench/quality.py --pipeline DIR --data digits --out quality.json
+    python bench/quality.py --pipeline DIR --guidance 1.5,1                # also without guidance
 
-Each prompt gets N candidates ONCE per guidance setting (the model's configured guidance_scale,
-and 1.0 = no guidance), through the pipeline's own sampling and CLIP reranking. Each candidate is
-judged, then three picks are reported:
-  reranked  the CLIP top-1 (what the pipeline returns)
-  random    the mean over all N candidates: the expected accuracy of a random pick
-  oracle    1 if any candidate is right (per column): the upper bound of any reranker
-shapes: shapes.check_image on the prompt's attributes (relation over two-object prompts; for
-  two objects `place` means they are separate), exact accuracy apart on the held-out pairs (the
-  first three prompts), on one-object and on two-object scenes, and the dVAE's reconstruction of
-  real val scenes (the decoder's ceiling).
+Each prompt gets N candidates ONCE per guidance setting (default: the model's configured
+guidance_scale), through the pipeline's own sampling and reranking. Each candidate is judged,
+then three picks are reported:
+  reranked best of N   the reranker's top-1 (what the pipeline returns)
+  single sample        the mean over all N candidates: the expected accuracy of one sample
+  best-of-N oracle     1 if any candidate is right (per column): the upper bound of any reranker
+shapes prompts (`evaluation_captions`): canonical captions of validation scenes (shapes spec),
+  drawn so that at least a quarter (and >= 32) are two-object scenes and at least a quarter of each
+  kind hold a held-out colour/shape pair. shapes.check_image judges them (relation over two-object
+  prompts; for two objects `place` means they are separate); the main table gives exact match over
+  all prompts, one-object, two-object and held-out-pair prompts; a detail table each attribute;
+  the dVAE's reconstruction of real val scenes is the decoder's ceiling.
 digits: a scikit-learn SVC trained on the real 8x8 scans (every 5th held out, as in the digits
   set) classifies the generations after undoing digits.upscale (crop the margin, undo the
   contrast stretch, area-average to 8x8 in 0..16).
 Speed: prior sampling, dVAE decode and CLIP scoring timed apart on a few prompts x N candidates.
 The last line is machine-readable: `exact=<fraction>` (shapes) or `accuracy=<fraction>` (digits),
-the reranked top-1 with the configured guidance.
+the reranked top-1 with the first guidance setting.
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import time
 
 import numpy as np
@@ -42,6 +44,7 @@ from dalle_ar.images import to_pil
 from dalle_ar.pipeline import TextToImagePipeline
 
 PICKS = ("reranked", "random", "oracle")
+PICK_NAMES = {"reranked": "reranked best of {n}", "random": "single sample", "oracle": "best-of-{n} oracle"}
 
 
 def fmt(v) -> str:
@@ -69,40 +72,46 @@ def accuracy(judged, tops, column, pick, prompts=None):
     return sum(vals) / len(vals) if vals else None
 
 
+def holds_held_out(attrs) -> bool:
+    return any((o["color"], o["shape"]) in shapes.HELD_OUT for o in attrs["objects"])
+
+
+def evaluation_captions(n: int, seed: int = 0, two_object: float = 0.25, held_out: float = 0.25) -> list[str]:
+    """n canonical captions of validation scenes (in the order drawn): max(32, n * two_object) of them
+    two-object scenes (all of them when n < 32), the rest one-object, and in each kind at least
+    `held_out` of them hold a held-out colour/shape pair (the validation stream holds ~12-23%)."""
+    n_two = min(n, max(32, round(n * two_object)))
+    want = {1: n - n_two, 2: n_two}
+    need_held = {k: round(v * held_out) for k, v in want.items()}
+    picked, taken = [], {1: 0, 2: 0}
+    held = {1: 0, 2: 0}
+    for attrs, _ in shapes.scenes("val", 200 * max(n, 1), seed):
+        k, h = len(attrs["objects"]), holds_held_out(attrs)
+        room = want[k] - taken[k]
+        if room <= 0 or (not h and room <= need_held[k] - held[k]):
+            continue  # this kind is full, or its last places are kept for held-out pairs
+        picked.append(shapes.caption(attrs))
+        taken[k] += 1
+        held[k] += h
+        if len(picked) == n:
+            return picked
+    raise RuntimeError(f"evaluation_captions: {n} captions not found in the validation stream")
+
+
 def scene_kinds(attrs) -> dict:
     """Indices of the one-object and of the two-object scenes."""
     return {"one_object_exact": [i for i, s in enumerate(attrs) if len(s["objects"]) == 1],
-            "two_object_exact": [i for i, s in enumerate(attrs) if len(s["objects"]) == 2]}
+            "two_object_exact": [i for i, s in enumerate(attrs) if len(s["objects"]) == 2],
+            "held_out_exact": [i for i, s in enumerate(attrs) if holds_held_out(s)]}
 
 
 # ---- judges --------------------------------------------------------------------------------------
 
-def digit_of(prompt: str) -> int:
-    return int(re.findall(r"\d", prompt)[-1])  # val_captions: "a handwritten digit 7"
-
-
-def downsample(image: Image.Image) -> np.ndarray:
-    """64x64 RGB -> flat 8x8 in [0, 16], like sklearn's digits: inverts digits.upscale."""
-    g = np.asarray(image.convert("L").resize((digits.SIZE, digits.SIZE), Image.Resampling.BILINEAR), np.float32)
-    m = digits.MARGIN
-    inner = g[m:digits.SIZE - m, m:digits.SIZE - m]
-    # upscale stretched v -> (v - 40) * 1.6 and clipped at 0: undo it where it is invertible.
-    inner = np.where(inner > 0, inner / 1.6 + 40.0, 0.0).astype(np.float32)
-    small = np.asarray(Image.fromarray(inner, "F").resize((8, 8), Image.Resampling.BOX))
-    return np.clip(small * (16.0 / 255.0), 0, 16).ravel()
-
-
 def digits_classifier(report: dict):
-    """SVC on the real training scans; report its accuracy on the held-out ones (raw and round-tripped)."""
-    from sklearn.svm import SVC
-
+    """SVC on the real training scans (digits.fit_reader); its accuracy on the held-out ones goes in the report."""
+    clf, report["classifier"] = digits.fit_reader()
     images, labels = digits.load_scans()
     val = np.arange(len(labels)) % digits.VAL_EVERY == 0
-    clf = SVC(gamma=0.001, C=10.0).fit(images[~val].reshape(-1, 64), labels[~val])
-    roundtrip = np.stack([downsample(digits.upscale(s)) for s in images[val]])
-    report["classifier"] = {"val_scans": int(val.sum()),
-                            "raw_8x8": float((clf.predict(images[val].reshape(-1, 64)) == labels[val]).mean()),
-                            "upscale_downsample": float((clf.predict(roundtrip) == labels[val]).mean())}
     return clf, images[val], labels[val]
 
 
@@ -151,9 +160,11 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--pipeline", required=True, help="pipeline directory")
     p.add_argument("--data", choices=["shapes", "digits"], default="shapes")
-    p.add_argument("--prompts", type=int, default=48)
+    p.add_argument("--prompts", type=int, default=128)
     p.add_argument("--candidates", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--guidance", default=None,
+                   help="comma list of guidance scales (default: the model's configured one); e.g. 1.5,1")
     p.add_argument("--recon", type=int, default=256, help="real val images the dVAE reconstructs (shapes)")
     p.add_argument("--speed-prompts", type=int, default=4, help="prompts (x candidates) timed for speed")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -166,7 +177,7 @@ def main(argv=None) -> None:
     busy, load = pick_threads(a.threads, device.type)
     pipe = TextToImagePipeline.from_pretrained(a.pipeline, device=device)
     configured = float(pipe.dalle.config.guidance_scale)
-    settings = [configured] + ([1.0] if configured != 1.0 else [])
+    settings = [float(x) for x in a.guidance.split(",")] if a.guidance else [configured]
     machine = {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "processor": platform.processor() or platform.machine(), "load_avg": round(load, 2)}
@@ -178,24 +189,22 @@ def main(argv=None) -> None:
     report = {"machine": machine, "args": vars(a), "settings": {}}
 
     if a.data == "shapes":
-        prompts = shapes.val_captions(a.prompts, a.seed)
+        prompts = evaluation_captions(a.prompts, a.seed)
         attrs = [shapes.parse_caption(c) for c in prompts]
         columns = ("color", "shape", "size", "place", "relation", "exact")
-        held = list(range(min(len(shapes.HELD_OUT), len(prompts))))
-        # Exact match over subsets of the prompts: the held-out pairs, one-object and two-object scenes.
-        subsets = {"held_out_exact": held, **scene_kinds(attrs)}
+        subsets = scene_kinds(attrs)  # exact match over one-object, two-object and held-out-pair prompts
 
         def judge(i, image):
             return shapes.check_image(image, attrs[i])
     else:
         prompts = digits.val_captions(a.prompts, a.seed)
         clf, val_scans, val_labels = digits_classifier(report)
-        columns, held, subsets = ("accuracy",), [], {}
+        columns, subsets = ("accuracy",), {}
 
         def judge(i, image):
-            return {"accuracy": bool(clf.predict(downsample(image)[None])[0] == digit_of(prompts[i]))}
+            return {"accuracy": bool(clf.predict(digits.to_scan(image)[None])[0] == digits.digit_of(prompts[i]))}
 
-    rows = []
+    rows, detail = [], []
     for g in settings:
         results = pipe(prompts, num_candidates=a.candidates, keep=1, guidance_scale=g, seed=a.seed,
                        return_candidates=True)
@@ -205,7 +214,10 @@ def main(argv=None) -> None:
         for pick in PICKS:
             entry[pick] = {c: accuracy(judged, tops, c, pick) for c in columns}
             entry[pick].update({k: accuracy(judged, tops, "exact", pick, idx) for k, idx in subsets.items()})
-            rows.append([f"{g:g}", pick] + list(entry[pick].values()))
+            name = PICK_NAMES[pick].format(n=a.candidates)
+            key = "exact" if a.data == "shapes" else "accuracy"
+            rows.append([f"{g:g}", name, entry[pick][key]] + [entry[pick][k] for k in subsets])
+            detail.append([f"{g:g}", name] + [entry[pick][c] for c in columns])
         report["settings"][str(g)] = entry
 
     if a.data == "shapes":
@@ -214,28 +226,33 @@ def main(argv=None) -> None:
         judged = [[shapes.check_image(im, s)] for im, (s, _) in zip(recon, scenes)]
         tops = [0] * len(judged)
         entry = {c: accuracy(judged, tops, c, "reranked") for c in columns}
-        recon_subsets = {"held_out_exact": held, **scene_kinds([s for s, _ in scenes])}
+        recon_subsets = scene_kinds([s for s, _ in scenes])
         entry.update({k: accuracy(judged, tops, "exact", "reranked", idx) for k, idx in recon_subsets.items()})
-        rows.append(["-", f"dVAE recon ({len(scenes)} real)"] + list(entry.values()))
+        name = f"dVAE recon ({len(scenes)} real)"
+        rows.append(["-", name, entry["exact"]] + [entry[k] for k in recon_subsets])
+        detail.append(["-", name] + [entry[c] for c in columns])
     else:
         recon = reconstruct(pipe, np.stack([np.asarray(digits.upscale(s)) for s in val_scans]))
-        pred = clf.predict(np.stack([downsample(im) for im in recon]))
+        pred = clf.predict(np.stack([digits.to_scan(im) for im in recon]))
         entry = {"accuracy": float((pred == val_labels).mean())}
         rows.append(["-", f"dVAE recon ({len(recon)} real)", entry["accuracy"]])
     report["reconstruction"] = entry
 
-    print(f"\nquality ({len(prompts)} prompts x {a.candidates} candidates; random = mean over candidates, "
-          f"oracle = any candidate right)")
-    print_table(["guidance", "pick", *columns, *(["held-out exact", "1-object exact", "2-object exact"] if held else [])],
-                rows)
+    print(f"\nquality ({len(prompts)} prompts x {a.candidates} candidates; single sample = mean over the "
+          f"candidates, oracle = some candidate right)")
     if a.data == "shapes":
-        n2 = len(subsets["two_object_exact"])
-        print(f"relation and 2-object exact over {n2} two-object prompts, 1-object exact over the other "
-              f"{len(prompts) - n2}; held-out exact over the first {len(held)} prompts {[prompts[i] for i in held]}")
+        n1, n2, nh = (len(subsets[k]) for k in ("one_object_exact", "two_object_exact", "held_out_exact"))
+        print_table(["guidance", "pick", "exact", f"one-object ({n1})", f"two-object ({n2})",
+                     f"with a held-out pair ({nh})"], rows)
+        print("\nby attribute (relation over the two-object prompts; for two objects `place` = separate)")
+        print_table(["guidance", "pick", *columns], detail)
+        report["prompts"] = {"one_object": n1, "two_object": n2, "held_out_pair": nh,
+                             "held_out_two_object": len(set(subsets["held_out_exact"]) & set(subsets["two_object_exact"]))}
     else:
+        print_table(["guidance", "pick", "accuracy"], rows)
         c = report["classifier"]
-        print(f"classifier (SVC on real 8x8 scans) on {c['val_scans']} held-out scans: raw {c['raw_8x8']:.3f}, "
-              f"after upscale + downsample {c['upscale_downsample']:.3f}")
+        print(f"classifier (SVC on real 8x8 scans) on {c['val_scans']} held-out real scans: raw {c['raw_8x8']:.3f}, "
+              f"after upscale + to_scan {c['upscale_to_scan']:.3f}")
 
     speed = [time_parts(pipe, prompts[:a.speed_prompts], a.candidates, g, a.seed)
              for g in tqdm(settings, desc="speed", leave=False)]
@@ -248,7 +265,7 @@ def main(argv=None) -> None:
                   *(f"{100 * s[k + '_share']:.0f}%" for k in ("prior", "decode", "clip"))] for s in speed])
 
     key = "exact" if a.data == "shapes" else "accuracy"
-    final = report["settings"][str(configured)]["reranked"][key]
+    final = report["settings"][str(settings[0])]["reranked"][key]
     report["seconds"] = round(time.perf_counter() - start, 1)
     print(f"\ntotal time {report['seconds']} s")
     if a.out:

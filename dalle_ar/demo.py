@@ -13,8 +13,10 @@ import logging
 import time
 from pathlib import Path
 
+from PIL import Image
+
 from .data import digits, shapes
-from .generate import generate
+from .generate import generate, read_results, write_grid
 from .io import write_json
 from .pipeline import TextToImagePipeline
 from .tokenizer import TextTokenizer, read_captions
@@ -29,11 +31,11 @@ log = logging.getLogger(__name__)
 BUDGETS = {
     "default": {"data": {"train_size": 12000, "val_size": 1000},
                 "dvae": [], "clip": [], "dalle": [],
-                "generate": {"prompts": 48, "candidates": 16}},
+                "generate": {"prompts": 48, "candidates": 16, "sheet": 4}},
     "fast": {"data": {"train_size": 2000, "val_size": 200},
              "dvae": ["train.steps=60", "model.hard_codes_from_step=45"],
              "clip": ["train.steps=40"], "dalle": ["train.steps=60"],
-             "generate": {"prompts": 8, "candidates": 4}},
+             "generate": {"prompts": 8, "candidates": 4, "sheet": 4}},
 }
 
 
@@ -137,14 +139,70 @@ def run_demo(out, data: str = "shapes", budget: str = "default", seed: int = 0) 
             prompts = digits.val_captions(b["generate"]["prompts"], seed=seed)
         prompts_file.write_text("\n".join(prompts) + "\n")
 
-    def reranked_generation():
-        generate(pipe_dir, prompts_file, gen_dir, candidates=b["generate"]["candidates"], keep=1, seed=seed)
-        return {"grid": str(gen_dir / "grid.png"), "jsonl": str(gen_dir / "prompts.jsonl")}
-
-    summary["generate"] = _stage(gen_dir, "reranked generation", reranked_generation)
+    g = b["generate"]
+    summary["generate"] = _stage(gen_dir, "reranked generation", lambda: generate_and_check(
+        pipe_dir, prompts_file, gen_dir, data=data, candidates=g["candidates"], sheet=g["sheet"], seed=seed))
     summary["minutes"] = round((time.time() - t0) / 60, 1)
-    print(f"\n[demo] finished in {summary['minutes']} min")
-    print(f"[demo] pipeline:      {pipe_dir}")
-    print(f"[demo] grid.png:      {gen_dir / 'grid.png'}")
-    print(f"[demo] prompts.jsonl: {gen_dir / 'prompts.jsonl'}")
+    print("\n" + "\n".join(final_lines(summary, pipe_dir, gen_dir)))
     return summary
+
+
+def generate_and_check(pipe_dir, prompts_file, gen_dir, *, data: str, candidates: int, sheet: int,
+                       seed: int = 0) -> dict:
+    """The demo's generation: `generate` keeping every candidate (ranked), so the sheet shows the
+    best `sheet` per prompt and the check judges them all; shapes prompts are checked and the sheet
+    redrawn with each image's verdict."""
+    gen_dir = Path(gen_dir)
+    generate(pipe_dir, prompts_file, gen_dir, candidates=candidates, keep=candidates, seed=seed,
+             grid_images=sheet, progress=False)
+    info = {"grid": str(gen_dir / "grid.png"), "jsonl": str(gen_dir / "prompts.jsonl")}
+    if data == "shapes":
+        def judge(prompt, image):
+            return bool(shapes.check_image(image, shapes.parse_caption(prompt))["exact"])
+        info["check"], marks = check_generated(gen_dir, judge, "exact by the shapes checker")
+        note = "frame green / red: the shapes checker finds the caption right / wrong"
+    else:
+        reader, _ = digits.fit_reader()
+
+        def judge(prompt, image):
+            return bool(reader.predict(digits.to_scan(image)[None])[0] == digits.digit_of(prompt))
+        info["check"], marks = check_generated(gen_dir, judge, "read as the prompted digit by an SVC on the real scans")
+        note = "frame green / red: an SVC trained on the real scans reads the prompted digit / another"
+    write_grid(gen_dir, max_images=sheet, marks=marks, note=note)
+    return info
+
+
+def final_lines(summary: dict, pipe_dir, gen_dir) -> list[str]:
+    """What the demo prints last: its time, where its outputs are, and its own quality check."""
+    return [f"[demo] finished in {summary['minutes']} min",
+            f"[demo] pipeline:      {pipe_dir}",
+            f"[demo] grid.png:      {Path(gen_dir) / 'grid.png'}",
+            f"[demo] prompts.jsonl: {Path(gen_dir) / 'prompts.jsonl'}",
+            f"[demo] {quality_line(summary['generate'].get('check'))}"]
+
+
+def check_generated(gen_dir, judge, what: str) -> tuple[dict, dict]:
+    """Judge every generated image of gen_dir/prompts.jsonl with judge(prompt, image) -> bool.
+    -> (rates: the reranked pick, a single sample = the mean over the candidates, the best of N, and
+    `what` the judge checks; image path -> verdict)."""
+    marks, picks, singles, best = {}, [], [], []
+    results = read_results(gen_dir)
+    for rows in results.values():
+        ok = [judge(r["prompt"], Image.open(Path(gen_dir) / r["image"])) for r in rows]
+        marks.update({r["image"]: v for r, v in zip(rows, ok)})
+        picks.append(ok[0])
+        singles.append(sum(ok) / len(ok))
+        best.append(any(ok))
+    n = max(1, len(results))
+    check = {"what": what, "prompts": len(results), "candidates": max((len(v) for v in results.values()), default=0),
+             "reranked": sum(picks) / n, "single_sample": sum(singles) / n, "best_of_n": sum(best) / n}
+    return check, marks
+
+
+def quality_line(check) -> str:
+    """The demo's one-line quality summary."""
+    if not check:
+        return "check: none (no generated prompts were checked)"
+    n = check["candidates"]
+    return (f"check: {check['reranked']:.0%} of {check['prompts']} prompts {check['what']} (reranked best of "
+            f"{n}; a single sample {check['single_sample']:.0%}, the best of {n} {check['best_of_n']:.0%})")

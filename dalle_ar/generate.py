@@ -5,7 +5,9 @@ writes into OUT:
 
     images/<line>_<rank>.png   the kept images
     prompts.jsonl              one row per kept image: image, prompt, score, rank, seed, line
-    grid.png                   contact sheet, one row per prompt (the first `grid_rows` prompts)
+    grid.png                   a captioned sheet: per prompt its kept images best first (at most
+                               `grid_images`), the rank and reranker score under each, the caption
+                               under the row (the first `grid_rows` prompts)
 
 A folder that was partly written resumes: prompts whose rows in prompts.jsonl were made from the
 same inputs (prompt, line, seed, candidates, keep, sampling settings, model weights) are not redone;
@@ -26,7 +28,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .images import image_grid
+from .images import SheetRow, image_sheet
 from .io import atomic_path
 from .pipeline import TextToImagePipeline
 
@@ -115,7 +117,7 @@ def _load_rows(jsonl: Path, out: Path, wanted: dict[str, int]) -> tuple[set[int]
 
 
 def generate_to_folder(pipe, prompts_file, out, *, candidates: int = 16, keep: int = 1, seed: int = 0,
-                       batch_size: int = 16, grid_rows: int = 64,
+                       batch_size: int = 16, grid_rows: int = 64, grid_images: int = 8,
                        temperature: Optional[float] = None, top_k: Optional[int] = None,
                        top_p: Optional[float] = None, guidance_scale: Optional[float] = None,
                        consensus: Optional[float] = None, negative_prompt: Optional[str] = None,
@@ -174,23 +176,43 @@ def generate_to_folder(pipe, prompts_file, out, *, candidates: int = 16, keep: i
             f.write("".join(json.dumps(r, allow_nan=False) + "\n" for r in rows))
             f.flush()
             bar.update(1)
-    grid = write_grid(out, keep=keep, max_rows=grid_rows)
+    grid = write_grid(out, max_rows=grid_rows, max_images=grid_images)
     return {"out": str(out), "prompts": len(prompts), "generated": len(todo), "resumed": len(prompts) - len(todo),
             "dropped_rows": dropped, "bad_lines": problems, "grid": str(grid), "jsonl": str(jsonl)}
 
 
-def write_grid(out: Path, keep: int, max_rows: int = 64) -> Path:
+def read_results(out: Path, max_rows: Optional[int] = None) -> dict[int, list[dict]]:
+    """prompts.jsonl of `out` grouped by prompt line (the first `max_rows` lines), each best first."""
     rows: dict[int, list] = {}
-    for row in (out / "prompts.jsonl").read_text().splitlines():
+    for row in (Path(out) / "prompts.jsonl").read_text().splitlines():
         try:
             r = json.loads(row)
         except ValueError:
-            continue
-        if r["line"] in rows or len(rows) < max_rows:
-            rows.setdefault(r["line"], []).append((r["rank"], r["image"]))
-    sheet = image_grid([[Image.open(out / p) for _, p in sorted(v)] for _, v in sorted(rows.items())])
-    sheet.save(out / "grid.png")
-    return out / "grid.png"
+            continue  # a row cut by a crash
+        if r["line"] in rows or max_rows is None or len(rows) < max_rows:
+            rows.setdefault(r["line"], []).append(r)
+    return {n: sorted(v, key=lambda r: r["rank"]) for n, v in sorted(rows.items())}
+
+
+def write_grid(out, max_rows: int = 64, max_images: int = 8, marks: Optional[dict] = None,
+               note: str = "") -> Path:
+    """Write out/grid.png from out/prompts.jsonl: the sheet of `image_sheet`. `marks` (image path as in
+    the jsonl -> True / False) frames images green / red; `note` ends the title line."""
+    marks = marks or {}
+    results = read_results(out, max_rows)
+    sheet_rows = [SheetRow(caption=rs[0]["prompt"],
+                           images=[Image.open(Path(out) / r["image"]) for r in rs[:max_images]],
+                           labels=[f"#{r['rank'] + 1}  " + ("-" if r["score"] is None else f"{r['score']:.2f}")
+                                   for r in rs[:max_images]],
+                           marks=[marks.get(r["image"]) for r in rs[:max_images]]) for rs in results.values()]
+    shown = max(len(r.images) for r in sheet_rows)
+    title = (f"{len(sheet_rows)} prompts, best first ({shown} shown per prompt); under each image: rank "
+             f"and reranker score" + (f"; {note}" if note else ""))
+    path = Path(out) / "grid.png"
+    tmp = path.with_suffix(".png.tmp")
+    image_sheet(sheet_rows, max_images=max_images, title=title).save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path
 
 
 def load_image(path) -> Image.Image:

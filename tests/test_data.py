@@ -246,3 +246,20 @@ def test_digits(tmp_path):
 def test_resampled_stops_when_every_shard_is_bad(tmp_path):
     loader = ShardLoader([str(tmp_path / "gone-000000.tar")], batch_size=2, resampled=True)
     assert keys_of(loader) == [] and loader.skipped["shard: missing or unreadable"] > 10
+
+
+def test_digits_reader_reads_held_out_real_scans_and_every_caption_template():
+    """The reader the digits demo and bench/quality.py judge generations with: an SVC on the real
+    training scans, applied after to_scan undoes upscale."""
+    pytest.importorskip("sklearn")
+    from dalle_ar.data import digits
+
+    reader, acc = digits.fit_reader()
+    assert acc["val_scans"] == 360 and acc["raw_8x8"] >= 0.97 and acc["upscale_to_scan"] >= 0.97
+    images, labels = digits.load_scans()
+    scans = np.stack([digits.to_scan(digits.upscale(s)) for s in images[:50:5]])
+    assert (reader.predict(scans) == labels[:50:5]).mean() >= 0.9
+    for d in range(10):
+        assert {digits.digit_of(c) for c in digits.captions(d)} == {d}
+    with pytest.raises(ValueError, match="no digit"):
+        digits.digit_of("a red circle")

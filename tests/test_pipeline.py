@@ -413,3 +413,43 @@ def test_generate_cli_image_completion_threads_and_errors(pipe_dir, pipe, tmp_pa
         assert cli_main([*base, "--out", str(tmp_path / "bad"), *extra]) == 2
         err = [ln for ln in capsys.readouterr().err.splitlines() if "error:" in ln]
         assert len(err) == 1 and err[0].startswith("dalle-ar generate: error:") and message in err[0], err
+
+
+def test_demo_generation_sheet_check_and_last_lines(pipe_dir, tmp_path):
+    """The demo's last stage on a tiny pipeline: every candidate kept and ranked, the sheet shows the
+    best few with each image's verdict, and the last lines say where things are and how it scored."""
+    import numpy as np
+    from PIL import Image
+
+    from dalle_ar.demo import final_lines, generate_and_check
+    from dalle_ar.images import FAIL, PASS
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a small red circle in the top left\nred circle left of blue square\n")
+    gen = tmp_path / "generated"
+    info = generate_and_check(pipe_dir, prompts, gen, data="shapes", candidates=3, sheet=2, seed=1)
+    rows = [json.loads(r) for r in (gen / "prompts.jsonl").read_text().splitlines()]
+    assert [(r["line"], r["rank"]) for r in rows] == [(1, 0), (1, 1), (1, 2), (2, 0), (2, 1), (2, 2)]
+    check = info["check"]
+    assert check["prompts"] == 2 and check["candidates"] == 3
+    assert check["reranked"] in (0.0, 0.5, 1.0)
+    assert 0 <= check["single_sample"] <= check["best_of_n"] <= 1 and check["reranked"] <= check["best_of_n"]
+    sheet = np.asarray(Image.open(info["grid"]))
+    framed = sum(int((sheet == np.array(c, np.uint8)).all(-1).sum()) for c in (PASS, FAIL))
+    assert framed >= 4 * 4 * 32  # 2 prompts x 2 shown, each framed by its verdict
+    lines = final_lines({"minutes": 1.5, "generate": info}, tmp_path / "pipeline", gen)
+    assert lines[1:4] == [f"[demo] pipeline:      {tmp_path / 'pipeline'}", f"[demo] grid.png:      {gen / 'grid.png'}",
+                          f"[demo] prompts.jsonl: {gen / 'prompts.jsonl'}"]
+    assert lines[-1].startswith("[demo] check: ") and "single sample" in lines[-1] and "shapes checker" in lines[-1]
+    assert all(line.startswith("[demo] ") for line in lines)  # nothing stray (a JSON dump) among them
+
+
+def test_demo_generation_checks_digits_with_the_scan_reader(pipe_dir, tmp_path):
+    pytest.importorskip("sklearn")
+    from dalle_ar.demo import generate_and_check, quality_line
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a handwritten digit 7\n")
+    info = generate_and_check(pipe_dir, prompts, tmp_path / "gen", data="digits", candidates=2, sheet=2)
+    assert info["check"]["prompts"] == 1 and info["check"]["candidates"] == 2
+    assert "read as the prompted digit" in quality_line(info["check"])

@@ -44,6 +44,40 @@ def upscale(scan: np.ndarray) -> Image.Image:
     return canvas.convert("RGB")
 
 
+def to_scan(image: Image.Image) -> np.ndarray:
+    """64x64 RGB -> flat 8x8 in [0, 16] like the real scans: undoes `upscale` (margin cropped, the
+    contrast stretch inverted where it is invertible, area-averaged to 8x8)."""
+    g = np.asarray(image.convert("L").resize((SIZE, SIZE), Image.Resampling.BILINEAR), np.float32)
+    inner = g[MARGIN:SIZE - MARGIN, MARGIN:SIZE - MARGIN]
+    inner = np.where(inner > 0, inner / 1.6 + 40.0, 0.0).astype(np.float32)  # upscale: (v - 40) * 1.6
+    small = np.asarray(Image.fromarray(inner, "F").resize((8, 8), Image.Resampling.BOX))
+    return np.clip(small * (16.0 / 255.0), 0, 16).ravel()
+
+
+def fit_reader():
+    """An SVC fitted on the real training scans, to read which digit an image shows (`to_scan` first).
+    -> (classifier, {"val_scans", "raw_8x8", "upscale_to_scan"}: its accuracy on the held-out scans)."""
+    from sklearn.svm import SVC  # scikit-learn comes with the digits set (load_scans)
+
+    images, labels = load_scans()
+    val = np.arange(len(labels)) % VAL_EVERY == 0
+    clf = SVC(gamma=0.001, C=10.0).fit(images[~val].reshape(-1, 64), labels[~val])
+    roundtrip = np.stack([to_scan(upscale(s)) for s in images[val]])
+    return clf, {"val_scans": int(val.sum()),
+                 "raw_8x8": float((clf.predict(images[val].reshape(-1, 64)) == labels[val]).mean()),
+                 "upscale_to_scan": float((clf.predict(roundtrip) == labels[val]).mean())}
+
+
+def digit_of(caption: str) -> int:
+    """The digit a caption of any template names ("a handwritten digit 7", "the number seven")."""
+    for word in caption.lower().replace(".", " ").split():
+        if word.isdigit() and len(word) == 1:
+            return int(word)
+        if word in WORDS:
+            return WORDS.index(word)
+    raise ValueError(f"caption names no digit: {caption!r}")
+
+
 def captions(digit: int) -> list[str]:
     return [t.format(d=digit, w=WORDS[digit]) for t in TEMPLATES]
 
