@@ -43,6 +43,7 @@ from dalle_ar.images import image_grid, to_pil
 from dalle_ar.io import config_from_dict, load_config, write_json
 from dalle_ar.tokenizer import TextTokenizer
 
+from . import find_config
 from .stage_config import CLIPDataConfig, DALLEDataConfig, DataConfig, route_overrides
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ def load_stage_config(stage: str, config_file=None, overrides=()):
     """-> (model config, TrainConfig, data config, DeepSpeed overrides as a list of `key=value`)."""
     cls = _stage_class(stage)
     classes = {"model": cls.model_config_cls, "train": engine.TrainConfig, "data": cls.data_config_cls}
-    raw = json.loads(Path(config_file).read_text()) if config_file else {}
+    raw = json.loads(find_config(config_file).read_text()) if config_file else {}
     unknown = set(raw) - set(classes)
     if unknown:
         raise ValueError(f"config {config_file}: unknown section(s) {sorted(unknown)}; use model/train/data")
@@ -379,7 +380,7 @@ def run_stage(stage: str, train_shards, out, *, val_shards=None, config_file=Non
         write_json(out / STAGE_FILE, {"stage": stage, "train_shards": train_shards, "val_shards": val_shards,
                                       "config": st.record()})
     result = engine.train(built.model, built.loss_fn, built.make_batches, st.train_cfg, out,
-                          ds_config=engine.load_ds_config(ds_config, ds_over), hooks=built.hooks, resume=resume)
+                          ds_config=engine.load_ds_config(find_config(ds_config) if ds_config else None, ds_over), hooks=built.hooks, resume=resume)
     if result.get("export_dir") and engine.is_rank0():
         built.export(Path(result["export_dir"]))
         metrics = st.evaluate(built.model)
