@@ -9,18 +9,28 @@ gives on the fly for the same sample.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
+import re
 
 import torch
 
-from dalle_ar.data import iter_raw_samples, preprocess_image, write_samples
+from dalle_ar.data import expand_shards, iter_raw_samples, preprocess_image, write_samples
 from dalle_ar.dvae import DiscreteVAE
 
 log = logging.getLogger(__name__)
 
 
+def codes_prefix(shards) -> str:
+    """`train-codes` for input shards named `train-000000.tar` ... (whatever pattern, glob or folder named
+    them), `NAME-codes` for a single `NAME.tar`."""
+    names = re.findall(r"[^\s/:]+\.tar", expand_shards(shards)[0])  # the file name, also inside `pipe:` commands
+    m = re.fullmatch(r"(.+?)-?\d*\.tar", names[-1]) if names else None
+    stem = re.sub(r"[^A-Za-z0-9_\-]", "_", m.group(1)) if m else "shards"
+    return f"{stem}-codes"
+
+
 def encode_shards(dvae_dir, shards, out, *, batch_size: int = 64, shard_size: int = 5000,
-                  keep_images: bool = False, device=None, prefix: str | None = None) -> dict:
+                  keep_images: bool = False, device=None, prefix: str | None = None, overwrite: bool = False) -> dict:
+    """Write `out/{prefix}-NNNNNN.tar` code shards (prefix: `codes_prefix(shards)` unless given)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -54,7 +64,7 @@ def encode_shards(dvae_dir, shards, out, *, batch_size: int = 64, shard_size: in
         if pending:
             yield from flush()
 
-    name = prefix or Path(str(shards if isinstance(shards, str) else shards[0])).name.split("-")[0] + "-codes"
-    summary = write_samples(encoded(), out, prefix=name, shard_size=shard_size)
+    summary = write_samples(encoded(), out, prefix=prefix or codes_prefix(shards), shard_size=shard_size,
+                            source=f"dalle-ar encode {shards}", overwrite=overwrite)
     summary["skipped_on_read"] = skipped
     return summary

@@ -108,6 +108,8 @@ class Stage:
     """One trainer: see the module docstring for the contract."""
 
     name = ""
+    summary = ""                       # one line for `dalle-ar train --help`
+    needs: dict = {}                   # config keys the stage cannot run without -> what they are
     model_config_cls: type = object
     data_config_cls: type = DataConfig
 
@@ -122,6 +124,12 @@ class Stage:
     @classmethod
     def resolve(cls, model_cfg, train_cfg, data_cfg):
         return model_cfg, train_cfg, data_cfg
+
+    @classmethod
+    def check_needs(cls, data_cfg) -> None:
+        missing = [k for k in cls.needs if not getattr(data_cfg, k.split(".", 1)[1])]
+        if missing:
+            raise ValueError(f"the {cls.name} stage needs " + "; ".join(f"{k}=DIR ({cls.needs[k]})" for k in missing))
 
     def record(self) -> dict:
         """The resolved configs, as stage.json keeps them."""
@@ -214,6 +222,7 @@ class Stage:
 
 class DVAEStage(Stage):
     name = "dvae"
+    summary = "the image tokenizer (discrete VAE) on image shards"
     model_config_cls = DVAEConfig
 
     @classmethod
@@ -254,14 +263,16 @@ class DVAEStage(Stage):
 
 class DALLEStage(Stage):
     name = "dalle"
+    summary = "the prior (transformer) on image or code shards, with a trained tokenizer and dVAE"
+    needs = {"data.tokenizer": "a trained tokenizer directory (dalle-ar tokenizer train --out)",
+             "data.dvae": "a trained dVAE directory (RUN/export of `train dvae`, or `convert openai-dvae`)"}
     model_config_cls = DALLEConfig
     data_config_cls = DALLEDataConfig
 
     @classmethod
     def resolve(cls, model_cfg, train_cfg, data_cfg):
         """The model's vocabularies and grid follow the tokenizer and the dVAE unless set."""
-        if not data_cfg.tokenizer or not data_cfg.dvae:
-            raise ValueError("the dalle stage needs data.tokenizer and data.dvae (paths to trained ones)")
+        cls.check_needs(data_cfg)
         text_vocab = TextTokenizer.from_pretrained(data_cfg.tokenizer).vocab_size
         dvae = load_config(data_cfg.dvae, DVAEConfig)
         fill = {k: v for k, v in (("text_vocab_size", text_vocab), ("image_vocab_size", dvae.vocab_size),
@@ -325,13 +336,14 @@ class DALLEStage(Stage):
 
 class CLIPStage(Stage):
     name = "clip"
+    summary = "the reranker (a small CLIP) on image shards, with a trained tokenizer"
+    needs = {"data.tokenizer": "a trained tokenizer directory (dalle-ar tokenizer train --out)"}
     model_config_cls = SmallCLIPConfig
     data_config_cls = CLIPDataConfig
 
     @classmethod
     def resolve(cls, model_cfg, train_cfg, data_cfg):
-        if not data_cfg.tokenizer:
-            raise ValueError("the clip stage needs data.tokenizer (a trained tokenizer directory)")
+        cls.check_needs(data_cfg)
         return model_cfg, train_cfg, data_cfg
 
     def build_model(self):
@@ -359,6 +371,26 @@ class CLIPStage(Stage):
 
 
 STAGES = {"dvae": DVAEStage, "dalle": DALLEStage, "clip": CLIPStage}
+
+
+def describe_stage(stage: str) -> str:
+    """What `dalle-ar train STAGE --help` adds to the options: what the stage needs, the shipped configs
+    for it, and every config key with its default (the `key=value` overrides and `--config` sections)."""
+    from . import shipped_configs
+
+    cls = _stage_class(stage)
+    lines = [f"the {stage} stage: {cls.summary}", "", "needs: --train-shards and --out"
+             + "".join(f"; {k}=DIR: {what}" for k, what in cls.needs.items())]
+    shipped = [n for n in shipped_configs() if n.startswith(f"{stage}-")]
+    if shipped:
+        lines.append(f"shipped configs (--config NAME; `dalle-ar configs --show NAME`): {', '.join(shipped)}")
+    lines += ["", "config keys and their defaults (set them in --config's sections or as key=value):"]
+    for section, c in (("model", cls.model_config_cls), ("train", engine.TrainConfig), ("data", cls.data_config_cls)):
+        lines.append(f"  {section} ({c.__name__}):")
+        for f in dataclasses.fields(c):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"    {section}.{f.name} = {json.dumps(default, default=str)}")
+    return "\n".join(lines)
 
 
 # ---- running and exporting -------------------------------------------------------------------------

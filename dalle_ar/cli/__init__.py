@@ -18,7 +18,7 @@ import argparse
 import sys
 
 from . import configs, convert, data, demo, generate, tokenizer, train
-from .common import parse_args
+from .common import parse_args, use_formatter
 
 # The command groups, in the order `dalle-ar --help` lists them.
 COMMANDS = [data, tokenizer, train, configs, convert, generate, demo]
@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for group in COMMANDS:
         group.add_parser(sub)
+    use_formatter(parser)
     return parser
 
 
