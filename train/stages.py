@@ -131,6 +131,10 @@ class Stage:
         if missing:
             raise ValueError(f"the {cls.name} stage needs " + "; ".join(f"{k}=DIR ({cls.needs[k]})" for k in missing))
 
+    def warnings(self) -> list[str]:
+        """What a user should know before the run starts (e.g. model schedules longer than the run)."""
+        return []
+
     def record(self) -> dict:
         """The resolved configs, as stage.json keeps them."""
         return {"model": dataclasses.asdict(self.model_cfg), "train": dataclasses.asdict(self.train_cfg),
@@ -232,6 +236,17 @@ class DVAEStage(Stage):
         if hard and not train_cfg.restart_at:
             train_cfg = dataclasses.replace(train_cfg, restart_at=hard)
         return model_cfg, train_cfg, dataclasses.replace(data_cfg, image_size=model_cfg.image_size)
+
+    def warnings(self):
+        """The dVAE's own schedules count steps too: on a run shorter than them, say what will not happen."""
+        m, steps = self.model_cfg, self.train_cfg.steps
+        what = {"kl_warmup_steps": "the KL weight never reaches model.kl_weight",
+                "temp_anneal_steps": "the Gumbel temperature never reaches model.temp_end",
+                "hard_codes_from_step": "the decoder-only phase on hard codes never starts"}
+        longest = max(getattr(m, k) for k in what)  # suggestions keep the proportions, the longest at 80% of the run
+        return [f"WARNING: model.{k}={getattr(m, k)} >= train.steps={steps}: {text}; scale it to the run "
+                f"(e.g. model.{k}={max(1, getattr(m, k) * steps * 4 // (5 * longest))})"
+                for k, text in what.items() if getattr(m, k) and getattr(m, k) >= steps]
 
     def build_model(self):
         self.val_codes = []  # every val batch's codes, for codebook usage
@@ -405,6 +420,8 @@ def run_stage(stage: str, train_shards, out, *, val_shards=None, config_file=Non
     model_cfg, train_cfg, data_cfg, ds_over = load_stage_config(stage, config_file, overrides)
     out = Path(out)
     st = STAGES[stage](model_cfg, train_cfg, data_cfg, train_shards, val_shards, out)
+    for text in st.warnings() if engine.is_rank0() else ():
+        print(f"[{stage}] {text}", flush=True)
     engine.seed_everything(st.train_cfg.seed)  # initial weights follow train.seed
     built = st.build()
     out.mkdir(parents=True, exist_ok=True)

@@ -83,6 +83,21 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t))
 
 
+def fit_to_run(cfg: TrainConfig) -> tuple[TrainConfig, list[str]]:
+    """Short runs: a warm-up at least as long as the run (or as a restart phase) would never reach
+    cfg.lr, so it is shortened to a tenth of the shortest phase; returns (config, warnings to show).
+    Longer runs are returned unchanged."""
+    phases = [cfg.restart_at, cfg.steps - cfg.restart_at] if 0 < cfg.restart_at < cfg.steps else [cfg.steps]
+    shortest = min(phases)
+    if cfg.warmup < shortest:
+        return cfg, []
+    fitted = dataclasses.replace(cfg, warmup=max(1, shortest // 10))
+    where = "the run's" if len(phases) == 1 else "the shortest schedule phase's (train.restart_at)"
+    return fitted, [f"WARNING: train.warmup={cfg.warmup} >= {where} {shortest} steps: the LR would never reach "
+                    f"train.lr={cfg.lr:g}; warm-up shortened to {fitted.warmup} step(s) (a tenth). "
+                    f"Set train.warmup below {shortest} to choose it yourself."]
+
+
 def _coerce(key: str, text: str, current):
     """Parse `text` for a field whose current value is `current` (its type decides)."""
     try:

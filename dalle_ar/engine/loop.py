@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import Checkpoints, RunState, seed_everything, set_rng_state, tag_of
-from .config import TrainConfig, lr_at
+from .config import TrainConfig, fit_to_run, lr_at
 from .deepspeed_config import load_ds_config, resolve_ds_config
 from .dist import all_true, init_distributed, mean_over_ranks, sum_dicts, world
 from .optim import param_groups, zero0_grad_norm
@@ -36,6 +36,9 @@ def train(model: torch.nn.Module, loss_fn, make_batches, cfg: TrainConfig, out_d
     init_distributed()
     rank, world_size = world()
     cfg, ds = resolve_ds_config(cfg, ds_config if isinstance(ds_config, dict) else load_ds_config(ds_config))
+    cfg, warnings = fit_to_run(cfg)
+    for text in warnings if rank == 0 else ():
+        print(f"[engine] {text}", flush=True)
     seed_everything(cfg.seed + rank)  # different dropout per rank; DeepSpeed broadcasts rank 0's weights
     engine = _deepspeed_engine(model, cfg, ds)
     on_step, on_checkpoint, skipped_counts = (_hook(hooks, n) for n in ("on_step", "on_checkpoint", "skipped_counts"))
