@@ -35,7 +35,7 @@ def run(tmp_path_factory):
     tok = TextTokenizer.train(read_captions(train), vocab_size=96, min_frequency=1)
     tok.save_pretrained(root / "tokenizer")
     result = run_stage("dvae", train, root / "dvae", val_shards=val, config_file=config_path("dvae-shapes.json"),
-                       overrides=[*TINY["dvae"], *COMMON])
+                       overrides=[*TINY["dvae"], *COMMON, "train.eval_every=2"])
     return {"root": root, "train": train, "val": val, "dvae_result": result}
 
 
@@ -49,6 +49,26 @@ def test_dvae_stage_exports_checkpoints_samples_and_metrics(run):
     assert metrics["val_images"] == 16 and metrics["val_psnr"] > 0
     stage = json.loads((d / "stage.json").read_text())
     assert stage["config"]["model"]["vocab_size"] == 32
+
+
+def scalars(run_dir) -> dict:
+    """{tag: [(step, value), ...]} from a run's TensorBoard event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tb"))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}, acc.Tags()["images"]
+
+
+def test_validation_curves_every_eval_every_steps(run):
+    """Issue 22, item 5: train.eval_every=2 evaluates the val shards at steps 2 and 3 (the last) through the
+    engine's on_eval hook and logs val/* to TensorBoard, beside the sample grids."""
+    found, images = scalars(run["root"] / "dvae")
+    assert [s for s, _ in found["val/psnr"]] == [2, 3] and all(v > 0 for _, v in found["val/psnr"])
+    assert [s for s, _ in found["val/codebook_used_fraction"]] == [2, 3]
+    assert "dvae/originals_vs_reconstructions" in images
+    final = json.loads((run["root"] / "dvae" / "metrics.json").read_text())
+    assert found["val/psnr"][-1][1] == pytest.approx(final["val_psnr"], rel=1e-5)  # the same model, the same data
 
 
 def test_encode_gives_the_codes_of_the_dvae(run):

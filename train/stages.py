@@ -18,7 +18,9 @@ The stage contract (adding a stage = one class + one line in STAGES):
         everything the engine needs, together; `export(dir)` adds what besides config.json +
         model.safetensors the export needs.
     eval_batch(model, batch) -> ({metric: batch mean}, batch size), plus optional eval_loader_kwargs()
-        and eval_summary(): one shared evaluation loop (`evaluate`) runs them over the val shards.
+        and eval_summary(): one shared evaluation loop (`evaluate`) runs them over the val shards, every
+        train.eval_every steps through the engine's on_eval hook (TensorBoard val/*) and at the end
+        (metrics.json).
     on_checkpoint(step, model, writer): sample grids (PNG + TensorBoard).
 """
 
@@ -143,7 +145,7 @@ class Stage:
     def build(self) -> Built:
         model = self.build_model()
         return Built(model, self.loss_fn, self.make_batches,
-                     {"on_checkpoint": self.on_checkpoint, "skipped_counts": self.skipped_counts},
+                     {"on_checkpoint": self.on_checkpoint, "on_eval": self.on_eval, "skipped_counts": self.skipped_counts},
                      self.finish_export)
 
     # subclasses: build_model, loss_fn, eval_batch, on_checkpoint
@@ -207,6 +209,16 @@ class Stage:
     def eval_summary(self, n: int) -> dict:
         return {}
 
+    def on_eval(self, step, model, writer) -> dict:
+        """The engine's periodic validation (train.eval_every): the metrics, and the sample grid unless this
+        step's checkpoint already drew it. Every rank reads all val batches, so ZeRO-3 ranks stay in step."""
+        if not self.val_shards:
+            return {}
+        metrics = self.evaluate(model)
+        if not (self.train_cfg.save_every and step % self.train_cfg.save_every == 0) and step != self.train_cfg.steps:
+            self.on_checkpoint(step, model, writer)
+        return metrics
+
     @torch.no_grad()
     def evaluate(self, model) -> dict:
         """Size-weighted means of eval_batch over the val shards, as val_<metric> (+ eval_summary)."""
@@ -214,7 +226,8 @@ class Stage:
             return {}
         model.eval()
         sums, n = {}, 0
-        for batch in self.make_loader(self.val_shards, training=False, num_workers=0, **self.eval_loader_kwargs()):
+        for batch in self.make_loader(self.val_shards, training=False, num_workers=0, split_by_rank=False,
+                                      **self.eval_loader_kwargs()):
             metrics, size = self.eval_batch(model, batch)
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * size

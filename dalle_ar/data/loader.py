@@ -117,6 +117,8 @@ class _ShardStream(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         o = self.o
         rank, world, worker, workers = pytorch_worker_info()  # RANK/WORLD_SIZE env or torch.distributed
+        if not o["split_by_rank"]:  # every rank reads everything (evaluation: the same batches on all ranks)
+            rank, world = 0, 1
         urls, sample_split = self._shard_urls(rank, world, worker, workers)
         skipped: dict[str, int] = {}  # this worker's counts this epoch
         shipped: dict[str, int] = {}  # the part already sent to the main process
@@ -175,12 +177,14 @@ class ShardLoader:
     Each batch: "key" list[str], "caption" list[str] (one caption picked per sample), "image" float
     [B,3,S,S] in [0,1] (if decode_images), "text" Long [B,T] (if text_encoder), "codes" Long
     [B,h,w] (if the shards carry codes.npy). `text_encoder` must be picklable when num_workers > 0.
+    `split_by_rank=False`: every rank reads all shards (validation, where ranks must agree).
     """
 
     def __init__(self, shards, *, batch_size: int, image_size: int = 64, decode_images: bool = True,
                  text_encoder: Callable | None = None, num_workers: int = 0, shuffle_buffer: int = 1000,
                  shardshuffle: bool = True, seed: int = 0, resampled: bool = False,
-                 epoch_samples: int | None = None, random_crop: bool = False, drop_last: bool = True):
+                 epoch_samples: int | None = None, random_crop: bool = False, drop_last: bool = True,
+                 split_by_rank: bool = True):
         for name, value, low in (("batch_size", batch_size, 1), ("image_size", image_size, 1),
                                  ("num_workers", num_workers, 0), ("shuffle_buffer", shuffle_buffer, 0)):
             if not isinstance(value, int) or value < low:
@@ -192,7 +196,7 @@ class ShardLoader:
         self.dataset = _ShardStream(self.urls, dict(
             batch_size=batch_size, image_size=image_size, decode_images=decode_images, text_encoder=text_encoder,
             shuffle_buffer=shuffle_buffer, shardshuffle=bool(shardshuffle), seed=seed, resampled=resampled,
-            epoch_samples=epoch_samples, random_crop=random_crop, drop_last=drop_last))
+            epoch_samples=epoch_samples, random_crop=random_crop, drop_last=drop_last, split_by_rank=split_by_rank))
         self._skipped: dict[str, int] = {}
 
     @property

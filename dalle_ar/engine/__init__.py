@@ -21,6 +21,10 @@ The contract for stage authors:
     on_step(step, parts)               after each optimizer step, parts as floats (this rank's mean)
     on_checkpoint(step, model, writer) after each complete checkpoint; `model` is the module (eval
                                        mode, no grad), `writer` the TensorBoard SummaryWriter or None
+    on_eval(step, model, writer) -> dict   every cfg.eval_every steps (and at the last step): validation
+                                       metrics {name: number}, equal on every rank (read the same val
+                                       batches on all ranks); logged as val/<name> (a `val_` prefix is
+                                       dropped) and as one line; `model` as for on_checkpoint
     skipped_counts() -> dict           the loader's skip counters; summed over ranks and logged
 - `out_dir` receives `checkpoints/step00001000/` (DeepSpeed checkpoints; a tag counts only once it
   holds the `complete` marker), `tb/` (TensorBoard), `export/` (config.json + model.safetensors, fp32).

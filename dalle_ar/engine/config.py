@@ -34,6 +34,7 @@ class TrainConfig:
     save_every: int = 500             # checkpoint every N steps (0: only at the end)
     keep_last: int = 2                # complete checkpoints kept
     log_every: int = 10
+    eval_every: int = 0               # >0: the stage's validation every N steps, logged as val/* (0: at the end only)
     zero_stage: int = 0               # 0 | 1 | 2 | 3
     precision: str = "fp32"           # fp32 | bf16 | fp16 (bf16.enabled / fp16.enabled in DeepSpeed)
     max_nonfinite: int = 10           # consecutive non-finite losses before giving up
@@ -48,7 +49,7 @@ class TrainConfig:
 
         for name in ("steps", "batch_size", "grad_accum", "keep_last", "log_every", "max_nonfinite"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "an integer >= 1")
-        for name in ("warmup", "save_every", "seed", "halve_every", "restart_at"):
+        for name in ("warmup", "save_every", "seed", "halve_every", "restart_at", "eval_every"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 0, name, "an integer >= 0")
         need(self.lr > 0, "lr", "> 0")
         need(0 <= self.min_lr <= self.lr, "min_lr", "in [0, lr]")

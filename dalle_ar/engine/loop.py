@@ -41,7 +41,8 @@ def train(model: torch.nn.Module, loss_fn, make_batches, cfg: TrainConfig, out_d
         print(f"[engine] {text}", flush=True)
     seed_everything(cfg.seed + rank)  # different dropout per rank; DeepSpeed broadcasts rank 0's weights
     engine = _deepspeed_engine(model, cfg, ds)
-    on_step, on_checkpoint, skipped_counts = (_hook(hooks, n) for n in ("on_step", "on_checkpoint", "skipped_counts"))
+    on_step, on_checkpoint, on_eval, skipped_counts = (_hook(hooks, n) for n in
+                                                        ("on_step", "on_checkpoint", "on_eval", "skipped_counts"))
 
     ckpts = Checkpoints(out / "checkpoints", cfg, rank, world_size)
     state, rng = ckpts.start(engine, resume, say=(lambda s: print(s, flush=True)) if rank == 0 else (lambda s: None))
@@ -66,6 +67,9 @@ def train(model: torch.nn.Module, loss_fn, make_batches, cfg: TrainConfig, out_d
             interrupted = not all_true(not stop.stop, world_size)
             if interrupted or (cfg.save_every and state.step % cfg.save_every == 0) or state.step == cfg.steps:
                 _checkpoint(ckpts, engine, state, on_checkpoint, meter.writer)
+            if on_eval is not None and cfg.eval_every and not interrupted and (
+                    state.step % cfg.eval_every == 0 or state.step == cfg.steps):
+                meter.log_eval(state.step, _in_eval_mode(engine, lambda m: on_eval(state.step, m, meter.writer)))
             if interrupted:
                 meter.say(f"[engine] stopped by signal at step {state.step}; checkpoint {ckpts.dir / ckpts.last_tag}")
                 break
@@ -106,15 +110,21 @@ def _deepspeed_engine(model, cfg: TrainConfig, ds: dict):
 def _checkpoint(ckpts: Checkpoints, engine, state: RunState, on_checkpoint, writer) -> None:
     """Save a complete checkpoint, then run the on_checkpoint hook on the module (eval mode, no grad)."""
     ckpts.save(engine, state)
-    if on_checkpoint is None:
-        return
+    if on_checkpoint is not None:
+        _in_eval_mode(engine, lambda m: on_checkpoint(state.step, m, writer))
+        if writer:
+            writer.flush()
+
+
+def _in_eval_mode(engine, fn):
+    """fn(module) with the module in eval mode and no grad (a hook's sampling or validation)."""
     was = engine.module.training
     engine.module.eval()
-    with torch.no_grad():
-        on_checkpoint(state.step, engine.module, writer)
-    engine.module.train(was)
-    if writer:
-        writer.flush()
+    try:
+        with torch.no_grad():
+            return fn(engine.module)
+    finally:
+        engine.module.train(was)
 
 
 class _Stepper:
@@ -228,6 +238,16 @@ class Meter:
         extra += f" skipped {skipped}" if any(skipped.values()) else ""
         self.say(f"[engine] step {state.step}/{cfg.steps} {text} lr {lr:.3g}{extra} {rate:.1f} samples/s "
                  f"epoch {state.epoch} eta {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}")
+
+    def log_eval(self, step: int, metrics) -> None:
+        """The on_eval hook's metrics ({name: number}, the same on every rank) as val/<name> scalars and a line."""
+        metrics = {k.removeprefix("val_"): float(v) for k, v in (metrics or {}).items()}
+        if self.writer:
+            for k, v in metrics.items():
+                self.writer.add_scalar(f"val/{k}", v, step)
+            self.writer.flush()
+        if metrics:
+            self.say(f"[engine] step {step}/{self.cfg.steps} validation " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
 
     def close(self) -> None:
         if self.bar:
