@@ -164,6 +164,18 @@ def test_bad_data_is_skipped_and_counted(tmp_path, caplog):
     assert "skipping bad data" in caplog.text
 
 
+def test_images_smaller_than_image_size_are_counted_and_warned(tmp_path, caplog):
+    """Issue 22, item 7: an upscaled image is kept (not skipped) but counted, with a warning per epoch."""
+    samples = [{"key": f"s{i}", "captions": "x", "image": Image.new("RGB", (size, size))}
+               for i, size in enumerate((8, 32, 12, 40))]
+    write_samples(samples, tmp_path, prefix="mixed")
+    loader = ShardLoader(str(tmp_path), batch_size=2, image_size=16, shuffle_buffer=0, shardshuffle=False)
+    with caplog.at_level("WARNING"):
+        assert sum(len(b["key"]) for b in loader) == 4
+    assert loader.upscaled == 2 and loader.skipped == {}
+    assert "2 images were smaller than image_size=16" in caplog.text
+
+
 def test_preprocess_handles_every_mode():
     rgba = Image.new("RGBA", (40, 20), (255, 0, 0, 0))  # fully transparent -> white
     assert torch.allclose(preprocess_image(rgba, 16), torch.ones(3, 16, 16))

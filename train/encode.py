@@ -37,6 +37,7 @@ def encode_shards(dvae_dir, shards, out, *, batch_size: int = 64, shard_size: in
     dvae = DiscreteVAE.from_pretrained(dvae_dir).to(device).eval()
     size = dvae.config.image_size
     skipped: dict[str, int] = {}
+    upscaled = [0]  # images smaller than the dVAE's image size on their shorter side
 
     def encoded():
         pending = []
@@ -51,6 +52,8 @@ def encode_shards(dvae_dir, shards, out, *, batch_size: int = 64, shard_size: in
 
         for sample in iter_raw_samples(shards, skipped=skipped):
             image = sample.pop("image")
+            if hasattr(image, "size") and min(image.size) < size:
+                upscaled[0] += 1
             try:
                 tensor = preprocess_image(image, size, random_crop=False)
             except Exception as e:  # noqa: BLE001  (bad bytes: counted, never a crash)
@@ -67,4 +70,8 @@ def encode_shards(dvae_dir, shards, out, *, batch_size: int = 64, shard_size: in
     summary = write_samples(encoded(), out, prefix=prefix or codes_prefix(shards), shard_size=shard_size,
                             source=f"dalle-ar encode {shards}", overwrite=overwrite)
     summary["skipped_on_read"] = skipped
+    summary["upscaled"] = upscaled[0]
+    if upscaled[0]:
+        log.warning("%d images were smaller than the dVAE's image size %d on their shorter side and were upscaled",
+                    upscaled[0], size)
     return summary

@@ -30,6 +30,7 @@ from .shards import (BadSample, CountingHandler, count, decode_captions, decode_
 log = logging.getLogger(__name__)
 
 SKIPS = "__skipped__"  # private batch key carrying a worker's new skip counts to the main process
+UPSCALED = "upscaled"  # a count shipped with the skips, kept apart: images kept, but smaller than image_size
 
 
 def preprocess_image(image, size: int, random_crop: bool = False, rng: random.Random | None = None) -> torch.Tensor:
@@ -94,6 +95,8 @@ class _ShardStream(torch.utils.data.IterableDataset):
             if data is None:
                 raise BadSample("image: missing")
             image = decode_image(data)
+            if min(image.size) < o["image_size"]:
+                sample[UPSCALED] = True
             try:
                 sample["image"] = preprocess_image(image, o["image_size"], o["random_crop"], rng)
             except Exception as e:  # noqa: BLE001  (odd sizes/modes: a bad sample, never a crash)
@@ -146,6 +149,8 @@ class _ShardStream(torch.utils.data.IterableDataset):
                     count(skipped, e.args[0], f"{raw.get('__url__')}: {raw.get('__key__')}")
                     continue
                 dry["shards"] = 0
+                if sample.pop(UPSCALED, False):  # counted, not skipped: the main process warns once an epoch
+                    skipped[UPSCALED] = skipped.get(UPSCALED, 0) + 1
                 yield sample
 
         def new_skips() -> dict:
@@ -198,6 +203,7 @@ class ShardLoader:
             shuffle_buffer=shuffle_buffer, shardshuffle=bool(shardshuffle), seed=seed, resampled=resampled,
             epoch_samples=epoch_samples, random_crop=random_crop, drop_last=drop_last, split_by_rank=split_by_rank))
         self._skipped: dict[str, int] = {}
+        self.upscaled = 0  # images smaller than image_size (shorter side), upscaled to it; over all epochs
 
     @property
     def skipped(self) -> dict[str, int]:
@@ -209,12 +215,19 @@ class ShardLoader:
 
     def __iter__(self) -> Iterator[dict]:
         loader = torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers)
-        before = sum(self._skipped.values())
+        before, upscaled = sum(self._skipped.values()), self.upscaled
         for batch in loader:
             for reason, n in batch.pop(SKIPS, {}).items():
-                self._skipped[reason] = self._skipped.get(reason, 0) + n
+                if reason == UPSCALED:
+                    self.upscaled += n
+                else:
+                    self._skipped[reason] = self._skipped.get(reason, 0) + n
             if "key" in batch:
                 yield batch
+        if self.upscaled > upscaled:
+            log.warning("epoch %d: %d images were smaller than image_size=%d on their shorter side and were upscaled "
+                        "(blurry training images; write shards from larger originals or lower the image size)",
+                        self.dataset.epoch, self.upscaled - upscaled, self.dataset.o["image_size"])
         new = sum(self._skipped.values()) - before
         if new:
             log.warning("epoch %d: skipped %d bad samples/shards; totals so far: %s",
