@@ -115,7 +115,7 @@ def test_clip_and_dalle_stages_then_pipeline(run, tmp_path):
     assert len(res.images) == 2 and res.images[0].size == (64, 64)
 
 
-def test_train_cli_on_raw_shards_then_resume_and_export(run, tmp_path):
+def test_train_cli_on_raw_shards_then_resume_and_export(run, tmp_path, capsys):
     """`dalle-ar train dalle` encodes raw shards on the fly; --resume continues; export reproduces it."""
     from safetensors.torch import load_file
 
@@ -126,8 +126,23 @@ def test_train_cli_on_raw_shards_then_resume_and_export(run, tmp_path):
             *TINY["dalle"], "train.warmup=1", "data.sample_count=2",
             f"data.tokenizer={root / 'tokenizer'}", f"data.dvae={root / 'dvae' / 'export'}"]
     assert cli_main([*args, "--steps", "2"]) == 0
-    assert cli_main([*args, "--steps", "4", "--resume"]) == 0
-    assert json.loads((out / "stage.json").read_text())["config"]["train"]["steps"] == 4
+    assert cli_main([*args, "--steps", "3", "--resume"]) == 0  # the whole command again: still fine
+    # Issue 22, item 1: a resume reads the run's stage.json; only what may change is accepted, the rest is
+    # refused by name (exit 2) before anything is loaded or written.
+    stage_json = (out / "stage.json").read_bytes()
+    for extra, named in ((["model.dim=64"], "model.dim=64 (the run has 32)"), (["train.lr=0.1"], "train.lr=0.1"),
+                         (["--batch-size", "4"], "train.batch_size=4"), (["--config", "dalle-digits"], "model.")):
+        capsys.readouterr()
+        assert cli_main(["train", "dalle", "--out", str(out), "--resume", *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("dalle-ar train: error: --resume:") and named in err and "Traceback" not in err, err
+    assert cli_main(["train", "dvae", "--out", str(out), "--resume"]) == 2
+    assert "records a dalle run, not dvae" in capsys.readouterr().err
+    assert (out / "stage.json").read_bytes() == stage_json
+    assert cli_main(["train", "dalle", "--out", str(out), "--resume", "--steps", "4", "train.log_every=1"]) == 0
+    stage = json.loads((out / "stage.json").read_text())
+    assert stage["config"]["train"]["steps"] == 4 and stage["train_shards"] == run["train"]
+    assert stage["config"]["data"]["tokenizer"] == str(root / "tokenizer")
     assert cli_main(["export", str(out), "--out", str(tmp_path / "again")]) == 0
     a = load_file(out / "export" / "model.safetensors")
     b = load_file(tmp_path / "again" / "model.safetensors")

@@ -423,16 +423,35 @@ def describe_stage(stage: str) -> str:
 
 # ---- running and exporting -------------------------------------------------------------------------
 
+# What a `--resume` may change: how long, how often to save/log/evaluate, what the sample grids show. The rest
+# (model, optimiser, schedule shape, batch, data order) is the run's, recorded in its stage.json.
+RESUME_MAY_CHANGE = ("train.steps", "train.save_every", "train.keep_last", "train.log_every", "train.eval_every",
+                     "train.progress", "train.tensorboard", "train.export", "train.max_nonfinite",
+                     "data.sample_count", "data.sample_prompts", "data.tokenizer", "data.dvae")
+
+
 def run_stage(stage: str, train_shards, out, *, val_shards=None, config_file=None, ds_config=None,
               overrides=(), steps=None, batch_size=None, save_every=None, resume=False) -> dict:
-    """Train one stage through the shared engine, export it to OUT/export, evaluate; returns a summary."""
+    """Train one stage through the shared engine, export it to OUT/export, evaluate; returns a summary.
+
+    With `resume` and an OUT/stage.json, the run's recorded configs, shards and DeepSpeed config are the
+    starting point: what is passed besides them is checked against them (`resume_configs`)."""
     overrides = list(overrides)
     for name, value in (("steps", steps), ("batch_size", batch_size), ("save_every", save_every)):
         if value is not None:
             overrides.append(f"train.{name}={value}")
-    model_cfg, train_cfg, data_cfg, ds_over = load_stage_config(stage, config_file, overrides)
     out = Path(out)
-    st = STAGES[stage](model_cfg, train_cfg, data_cfg, train_shards, val_shards, out)
+    meta = json.loads((out / STAGE_FILE).read_text()) if resume and (out / STAGE_FILE).is_file() else None
+    if meta is not None:
+        (model_cfg, train_cfg, data_cfg, ds_over), train_shards, val_shards, ds_config = resume_configs(
+            stage, meta, out, config_file, overrides, train_shards, val_shards, ds_config)
+        resolved = True
+    else:
+        if not train_shards:
+            raise ValueError("--train-shards is required (or --resume a run whose stage.json records them)")
+        model_cfg, train_cfg, data_cfg, ds_over = load_stage_config(stage, config_file, overrides)
+        ds_config, resolved = str(find_config(ds_config).resolve()) if ds_config else None, False
+    st = STAGES[stage](model_cfg, train_cfg, data_cfg, train_shards, val_shards, out, resolved=resolved)
     for text in st.warnings() if engine.is_rank0() else ():
         print(f"[{stage}] {text}", flush=True)
     engine.seed_everything(st.train_cfg.seed)  # initial weights follow train.seed
@@ -440,9 +459,9 @@ def run_stage(stage: str, train_shards, out, *, val_shards=None, config_file=Non
     out.mkdir(parents=True, exist_ok=True)
     if engine.is_rank0():
         write_json(out / STAGE_FILE, {"stage": stage, "train_shards": train_shards, "val_shards": val_shards,
-                                      "config": st.record()})
+                                      "deepspeed_config": ds_config, "ds_overrides": ds_over, "config": st.record()})
     result = engine.train(built.model, built.loss_fn, built.make_batches, st.train_cfg, out,
-                          ds_config=engine.load_ds_config(find_config(ds_config) if ds_config else None, ds_over), hooks=built.hooks, resume=resume)
+                          ds_config=engine.load_ds_config(ds_config, ds_over), hooks=built.hooks, resume=resume)
     if result.get("export_dir") and engine.is_rank0():
         built.export(Path(result["export_dir"]))
         metrics = st.evaluate(built.model)
@@ -450,6 +469,45 @@ def run_stage(stage: str, train_shards, out, *, val_shards=None, config_file=Non
             write_json(out / "metrics.json", metrics)
             result["metrics"] = metrics
     return result
+
+
+def resume_configs(stage: str, meta: dict, out, config_file, overrides, train_shards, val_shards, ds_config):
+    """The configs of a resumed run: its stage.json, with `config_file` and `overrides` applied on top and
+    resolved again; a value that differs from the recorded one is accepted only for RESUME_MAY_CHANGE
+    keys, else a ValueError names it. Shards not given are the recorded ones (given ones may differ);
+    the DeepSpeed config must be the recorded one. Returns ((model, train, data, ds overrides),
+    train_shards, val_shards, ds_config)."""
+    where = Path(out) / STAGE_FILE
+    if meta.get("stage") != stage:
+        raise ValueError(f"--resume: {where} records a {meta.get('stage')} run, not {stage}")
+    cls, rec = _stage_class(stage), meta["config"]
+    classes = {"model": cls.model_config_cls, "train": engine.TrainConfig, "data": cls.data_config_cls}
+    recorded = {name: _recorded(c, rec[name]) for name, c in classes.items()}
+    raw = json.loads(find_config(config_file).read_text()) if config_file else {}
+    unknown = set(raw) - set(classes)
+    if unknown:
+        raise ValueError(f"config {config_file}: unknown section(s) {sorted(unknown)}; use model/train/data")
+    routed = route_overrides(list(overrides), {n: {f.name for f in dataclasses.fields(c)} for n, c in classes.items()})
+    asked = {name: engine.apply_overrides(config_from_dict(c, {**dataclasses.asdict(recorded[name]),
+                                                               **raw.get(name, {})}), routed[name])
+             for name, c in classes.items()}
+    asked = dict(zip(classes, cls.resolve(asked["model"], asked["train"], asked["data"])))
+    plain = lambda cfg: json.loads(json.dumps(dataclasses.asdict(cfg)))  # noqa: E731  (tuples vs lists)
+    refused = [f"{name}.{k}={json.dumps(v)} (the run has {json.dumps(plain(recorded[name])[k])})"
+               for name in classes for k, v in plain(asked[name]).items()
+               if v != plain(recorded[name])[k] and f"{name}.{k}" not in RESUME_MAY_CHANGE]
+    then_ds, then_over = meta.get("deepspeed_config"), meta.get("ds_overrides") or []
+    now_ds = str(find_config(ds_config).resolve()) if ds_config else then_ds
+    if now_ds != then_ds:
+        refused.append(f"--deepspeed-config {ds_config} (the run has {then_ds})")
+    if routed["ds"] and routed["ds"] != then_over:
+        refused.append(f"ds overrides {routed['ds']} (the run has {then_over})")
+    if refused:
+        raise ValueError(f"--resume: {where} records another setting for {'; '.join(refused)}. A resume may change "
+                         f"only {', '.join(RESUME_MAY_CHANGE)} and the shard paths: drop the others to continue the "
+                         f"run, or train into a new --out")
+    return ((asked["model"], asked["train"], asked["data"], then_over),
+            train_shards or meta["train_shards"], val_shards or meta.get("val_shards"), now_ds)
 
 
 def _recorded(cls: type, d: dict):

@@ -20,16 +20,23 @@ from .common import parse_args, split_shards, use_formatter
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--train-shards", required=True, help="brace pattern or comma list of shard paths/URLs")
-    p.add_argument("--val-shards", default=None, help="validation shards (sample grids, metrics)")
-    p.add_argument("--out", required=True, help="run folder: checkpoints/, tb/, samples/, export/")
-    p.add_argument("--config", default=None, help="the stage's JSON config (model/train/data sections)")
+    p.add_argument("--train-shards", default=None,
+                   help="training shards: a folder (its *.tar), brace pattern, glob, comma list or pipe: URLs "
+                        "(required, except with --resume, which reads the run's stage.json)")
+    p.add_argument("--val-shards", default=None,
+                   help="validation shards (metrics every train.eval_every steps and at the end, sample grids)")
+    p.add_argument("--out", required=True, help="run folder: stage.json, checkpoints/, tb/, samples/, export/")
+    p.add_argument("--config", default=None,
+                   help="the stage's JSON config (model/train/data sections): a file or a shipped config's name "
+                        "(dvae-shapes; `dalle-ar configs` lists them)")
     p.add_argument("--deepspeed-config", default=None,
-                   help="DeepSpeed JSON (default: train/configs/zero<train.zero_stage>.json)")
+                   help="DeepSpeed JSON: a file or a shipped name (zero0..zero3; default: zero<train.zero_stage>)")
     p.add_argument("--steps", type=int, default=None, help="total optimizer steps")
     p.add_argument("--batch-size", type=int, default=None, help="micro-batch per process")
     p.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps")
-    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest complete checkpoint with the run's recorded config (stage.json); "
+                        "only steps, save/log/eval cadence and paths may change")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="override a config field: model.dim=256, train.lr=3e-4, ds.zero_optimization.stage=3")
