@@ -2,8 +2,11 @@
 
 import argparse
 import json
+import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -76,3 +79,96 @@ def test_the_launcher_entry_points_are_modules(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "python -m dalle_ar.train.train_clip" in out.stdout and "data.tokenizer=DIR" in out.stdout
+
+
+# ---- the walk through docs/training.md ---------------------------------------------------------------
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "training.md"
+
+# What the walk changes: step counts and sizes only, appended to the doc's own commands (a later option or
+# key=value wins). Everything else (paths, folders, configs, flags) is the doc's, run by bash as written.
+SMALL = {
+    "train dvae": "--steps 2 --batch-size 4 --save-every 2 train.eval_every=1 model.image_size=32 model.vocab_size=32 "
+                  "model.n_hid=8 model.n_init=8 data.sample_count=2",
+    "train clip": "--steps 2 --batch-size 4 --save-every 2 train.eval_every=1 data.image_size=32 model.patch_size=16 "
+                  "model.embed_dim=16 model.text_width=16 model.vision_width=16 model.text_layers=1 "
+                  "model.vision_layers=1 model.text_heads=2 model.vision_heads=2 data.text_len=16",
+    "train dalle": "--steps 2 --batch-size 4 --save-every 2 train.eval_every=1 model.text_len=16 model.dim=32 "
+                   "model.depth=2 model.heads=2 data.sample_count=2",
+    "resume dalle": "--steps 3",
+    "generate": "--candidates 2 --keep 1 --batch-size 2",
+}
+
+
+def doc_blocks() -> list[str]:
+    return re.findall(r"```bash\n(.*?)```", DOC.read_text(), flags=re.S)
+
+
+def walk_script() -> str:
+    """docs/training.md's bash blocks, in order, with `dalle-ar` wrapped to append SMALL."""
+    case = "\n".join(f'    "{key}") extra=({value});;' for key, value in SMALL.items())
+    return f"""set -euo pipefail
+dalle-ar() {{
+  local extra=() key="$1 ${{2:-}}"
+  [[ "$key" == "train dalle" && " $* " == *" --resume "* ]] && key="resume dalle"
+  [[ "$1" == generate ]] && key=generate
+  case "$key" in
+{case}
+  esac
+  echo "+ dalle-ar $* ${{extra[*]:-}}" >&2
+  command dalle-ar "$@" "${{extra[@]}}"
+}}
+""" + "\n".join(doc_blocks())
+
+
+def tiny_photos(root: Path) -> None:
+    """A newcomer's folder: photos/{train,val}/NAME.png + NAME.txt (40 px coloured shapes on grey)."""
+    from PIL import Image, ImageDraw
+
+    colours = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 180, 40), "yellow": (230, 210, 30)}
+    for split, n in (("train", 12), ("val", 4)):
+        (root / "photos" / split).mkdir(parents=True)
+        for i in range(n):
+            colour, shape = list(colours)[i % 4], ("circle", "square")[i // 4 % 2]
+            image = Image.new("RGB", (40, 40), (128, 128, 128))
+            draw = ImageDraw.Draw(image)
+            (draw.ellipse if shape == "circle" else draw.rectangle)((8 + i % 3, 8, 30, 30 - i % 3), fill=colours[colour])
+            image.save(root / "photos" / split / f"{split}{i:02d}.png")
+            (root / "photos" / split / f"{split}{i:02d}.txt").write_text(f"a {colour} {shape}\n")
+
+
+def test_the_walk_covers_every_step_of_the_page():
+    script = walk_script()
+    for needed in ("dalle-ar data folder photos/train/", "dalle-ar tokenizer train", "dalle-ar train dvae",
+                   "dalle-ar encode", "dalle-ar train clip", "dalle-ar train dalle", "--resume", "dalle-ar pipeline",
+                   "dalle-ar generate"):
+        assert needed in script, needed
+    assert "bf16" not in "".join(doc_blocks())  # the CPU-safe example (fp32 is the default)
+
+
+@pytest.mark.slow  # ~3 min: eleven fresh `dalle-ar` processes
+def test_docs_training_walk_from_a_folder_of_images_outside_the_checkout(tmp_path):
+    """Issue 22, done: docs/training.md's commands, run by bash as written (only step counts and sizes made
+    small), on a tiny folder of images in a directory outside the checkout, end with a generated grid."""
+    from PIL import Image
+
+    tiny_photos(tmp_path)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    done = subprocess.run(["bash", "-c", walk_script()], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=1500)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-6000:]
+    grid = Image.open(tmp_path / "generated" / "grid.png")
+    assert grid.size[0] >= 32 and grid.size[1] >= 2 * 32  # one row per prompt
+    # the layout the page promises
+    assert (tmp_path / "shards" / "train" / "train-000000.tar").is_file()
+    assert (tmp_path / "shards" / "val" / "val-summary.json").is_file()
+    assert (tmp_path / "codes" / "train" / "train-codes-000000.tar").is_file()
+    assert "asked for --vocab-size 16384, but the captions only give" in log
+    assert "[engine] WARNING: train.warmup=100 >= the run's 2 steps" in log  # short runs say so
+    assert "[engine] step 1/2 validation psnr" in log and "validation retrieval_top1" in log
+    assert "validation loss_text" in log
+    resumed = json.loads((tmp_path / "runs" / "dalle" / "stage.json").read_text())
+    assert resumed["config"]["train"]["steps"] == 3 and resumed["config"]["model"]["dim"] == 32
+    assert len((tmp_path / "generated" / "prompts.jsonl").read_text().splitlines()) == 2
