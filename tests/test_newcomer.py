@@ -51,6 +51,26 @@ def test_stage_help_lists_needs_and_config_keys_with_defaults(stage, needs, caps
     assert {"dvae": "model.vocab_size = 512", "dalle": "model.dim = 256", "clip": "data.text_len = 32"}[stage] in out
 
 
+def test_dvae_schedules_longer_than_the_run_are_named_with_a_scaled_value():
+    """Issue 22, item 3: the dVAE's own step schedules (model settings, not scaled silently) warn on a short run."""
+    from dalle_ar.train.stages import STAGES, load_stage_config
+
+    def warnings(*overrides):
+        return STAGES["dvae"](*load_stage_config("dvae", "dvae-shapes", overrides)[:3], [], None, "run").warnings()
+
+    assert warnings("train.steps=300") == [
+        "WARNING: model.kl_warmup_steps=800 >= train.steps=300: the KL weight never reaches model.kl_weight; "
+        "scale it to the run (e.g. model.kl_warmup_steps=120)",
+        "WARNING: model.temp_anneal_steps=1200 >= train.steps=300: the Gumbel temperature never reaches "
+        "model.temp_end; scale it to the run (e.g. model.temp_anneal_steps=180)",
+        "WARNING: model.hard_codes_from_step=1600 >= train.steps=300: the decoder-only phase on hard codes never "
+        "starts; scale it to the run (e.g. model.hard_codes_from_step=240)"]
+    assert warnings() == []  # the shipped config fits its own 2900 steps
+    assert warnings("train.steps=1500") == [
+        "WARNING: model.hard_codes_from_step=1600 >= train.steps=1500: the decoder-only phase on hard codes never "
+        "starts; scale it to the run (e.g. model.hard_codes_from_step=1200)"]
+
+
 def test_shipped_configs_by_name_from_any_directory(tmp_path, monkeypatch, capsys):
     """`--config dvae-shapes` and `dalle-ar configs` work outside the checkout; copies are never overwritten."""
     from dalle_ar.train import find_config
@@ -167,6 +187,7 @@ def test_docs_training_walk_from_a_folder_of_images_outside_the_checkout(tmp_pat
     assert (tmp_path / "codes" / "train" / "train-codes-000000.tar").is_file()
     assert "asked for --vocab-size 16384, but the captions only give" in log
     assert "[engine] WARNING: train.warmup=100 >= the run's 2 steps" in log  # short runs say so
+    assert "[dvae] WARNING: model.kl_warmup_steps=5000 >= train.steps=2" in log
     assert "[engine] step 1/2 validation psnr" in log and "validation retrieval_top1" in log
     assert "validation loss_text" in log
     resumed = json.loads((tmp_path / "runs" / "dalle" / "stage.json").read_text())

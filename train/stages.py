@@ -256,10 +256,11 @@ class DVAEStage(Stage):
         what = {"kl_warmup_steps": "the KL weight never reaches model.kl_weight",
                 "temp_anneal_steps": "the Gumbel temperature never reaches model.temp_end",
                 "hard_codes_from_step": "the decoder-only phase on hard codes never starts"}
-        longest = max(getattr(m, k) for k in what)  # suggestions keep the proportions, the longest at 80% of the run
-        return [f"WARNING: model.{k}={getattr(m, k)} >= train.steps={steps}: {text}; scale it to the run "
-                f"(e.g. model.{k}={max(1, getattr(m, k) * steps * 4 // (5 * longest))})"
-                for k, text in what.items() if getattr(m, k) and getattr(m, k) >= steps]
+        value = {k: getattr(m, k) or 0 for k in what}  # hard_codes_from_step may be None (no such phase)
+        longest = max(value.values())  # suggestions keep the proportions, the longest at 80% of the run
+        return [f"WARNING: model.{k}={value[k]} >= train.steps={steps}: {text}; scale it to the run "
+                f"(e.g. model.{k}={max(1, steps // 10, value[k] * steps * 4 // (5 * longest))})"
+                for k, text in what.items() if value[k] >= steps > 0 and value[k]]
 
     def build_model(self):
         self.val_codes = []  # every val batch's codes, for codebook usage
