@@ -61,8 +61,9 @@ def _stage_class(stage: str) -> type["Stage"]:
     return STAGES[stage]
 
 
-def load_stage_config(stage: str, config_file=None, overrides=()):
-    """-> (model config, TrainConfig, data config, DeepSpeed overrides as a list of `key=value`)."""
+def load_stage_config(stage: str, config_file=None, overrides=(), base=None):
+    """-> (model config, TrainConfig, data config, DeepSpeed overrides as a list of `key=value`).
+    `base` ({section: dict}, a resumed run's record) is what the file's sections and overrides go over."""
     cls = _stage_class(stage)
     classes = {"model": cls.model_config_cls, "train": engine.TrainConfig, "data": cls.data_config_cls}
     raw = json.loads(find_config(config_file).read_text()) if config_file else {}
@@ -71,8 +72,8 @@ def load_stage_config(stage: str, config_file=None, overrides=()):
         raise ValueError(f"config {config_file}: unknown section(s) {sorted(unknown)}; use model/train/data")
     routed = route_overrides(list(overrides), {name: {f.name for f in dataclasses.fields(c)}
                                                for name, c in classes.items()})
-    configs = [engine.apply_overrides(config_from_dict(c, raw.get(name, {})), routed[name])
-               for name, c in classes.items()]
+    configs = [engine.apply_overrides(config_from_dict(c, {**(base or {}).get(name, {}), **raw.get(name, {})}),
+                                      routed[name]) for name, c in classes.items()]
     return (*configs, routed["ds"])
 
 
@@ -484,25 +485,19 @@ def resume_configs(stage: str, meta: dict, out, config_file, overrides, train_sh
     cls, rec = _stage_class(stage), meta["config"]
     classes = {"model": cls.model_config_cls, "train": engine.TrainConfig, "data": cls.data_config_cls}
     recorded = {name: _recorded(c, rec[name]) for name, c in classes.items()}
-    raw = json.loads(find_config(config_file).read_text()) if config_file else {}
-    unknown = set(raw) - set(classes)
-    if unknown:
-        raise ValueError(f"config {config_file}: unknown section(s) {sorted(unknown)}; use model/train/data")
-    routed = route_overrides(list(overrides), {n: {f.name for f in dataclasses.fields(c)} for n, c in classes.items()})
-    asked = {name: engine.apply_overrides(config_from_dict(c, {**dataclasses.asdict(recorded[name]),
-                                                               **raw.get(name, {})}), routed[name])
-             for name, c in classes.items()}
-    asked = dict(zip(classes, cls.resolve(asked["model"], asked["train"], asked["data"])))
+    *asked, ds_over = load_stage_config(stage, config_file, overrides,
+                                        base={n: dataclasses.asdict(c) for n, c in recorded.items()})
+    asked = dict(zip(classes, cls.resolve(*asked)))
     plain = lambda cfg: json.loads(json.dumps(dataclasses.asdict(cfg)))  # noqa: E731  (tuples vs lists)
     refused = [f"{name}.{k}={json.dumps(v)} (the run has {json.dumps(plain(recorded[name])[k])})"
                for name in classes for k, v in plain(asked[name]).items()
                if v != plain(recorded[name])[k] and f"{name}.{k}" not in RESUME_MAY_CHANGE]
     then_ds, then_over = meta.get("deepspeed_config"), meta.get("ds_overrides") or []
     now_ds = str(find_config(ds_config).resolve()) if ds_config else then_ds
-    if now_ds != then_ds:
+    if "deepspeed_config" in meta and now_ds != then_ds:  # (runs recorded before it was recorded: any)
         refused.append(f"--deepspeed-config {ds_config} (the run has {then_ds})")
-    if routed["ds"] and routed["ds"] != then_over:
-        refused.append(f"ds overrides {routed['ds']} (the run has {then_over})")
+    if ds_over and ds_over != then_over:
+        refused.append(f"ds overrides {ds_over} (the run has {then_over})")
     if refused:
         raise ValueError(f"--resume: {where} records another setting for {'; '.join(refused)}. A resume may change "
                          f"only {', '.join(RESUME_MAY_CHANGE)} and the shard paths: drop the others to continue the "
