@@ -8,6 +8,7 @@ Stages (each importable alone):
     dalle_ar.rerank      CLIP reranking of candidates
     dalle_ar.clip        our small CLIP (trained by the clip stage) and its loss
     dalle_ar.pipeline    prompts in, reranked images out (dalle_ar.generate: folders of them)
+    dalle_ar.threads     how many CPU threads torch uses (one policy for every command)
     dalle_ar.engine      the one DeepSpeed training loop
     dalle_ar.train       the stages that train through it, and the shipped configs
     dalle_ar.cli         the `dalle-ar` command (the only argument parser)
@@ -17,3 +18,28 @@ checks), dalle_ar.images (to_pil, image_grid). Module map and import rules: docs
 """
 
 __version__ = "0.1.0"
+
+# Public classes, imported on first use (as `from diffusers import ...`), so that `import dalle_ar`
+# and light commands do not pay for torch, transformers or tokenizers up front.
+_LAZY = {
+    "TextToImagePipeline": "pipeline", "PromptResult": "pipeline", "image_grid": "images", "to_pil": "images",
+    "DALLE": "dalle", "DALLEConfig": "dalle",
+    "DiscreteVAE": "dvae", "DVAEConfig": "dvae",
+    "CLIPReranker": "rerank",
+    "TextTokenizer": "tokenizer",
+}
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module 'dalle_ar' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

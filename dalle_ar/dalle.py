@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -97,7 +97,7 @@ def sample_logits(logits: torch.Tensor, u: torch.Tensor, temperature: float = 1.
     Uniforms drawn up front (not torch.multinomial) make sample b's draws independent of the
     batch size. Filtered tokens have probability exactly 0 and are never drawn.
     """
-    logits = logits.float() / temperature
+    logits = logits.float() if temperature == 1 else logits.float() / temperature
     vocab = logits.shape[-1]
     if top_k is not None and top_k < vocab:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]
@@ -222,8 +222,9 @@ class DALLE(nn.Module):
 
     # ---- cached decoding ---------------------------------------------------------------------
 
-    def new_cache(self):
-        return self.transformer.new_cache()
+    def new_cache(self, static: Optional[bool] = None):
+        """An empty KV cache (see `transformer.KVCache`; static: every step attends over all slots)."""
+        return self.transformer.new_cache(static)
 
     def prefill(self, text: torch.Tensor, cache, prime: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Write text [B, T] (+ primed codes [B, n0]) into an empty cache in one pass.
@@ -236,15 +237,17 @@ class DALLE(nn.Module):
         return self._image_logits(self.transformer(x, cache, start=0)[:, -1])
 
     def step(self, codes: torch.Tensor, index: int, cache) -> torch.Tensor:
-        """Feed image code `index` (codes [B]) -> image logits [B, Vi] for code index + 1."""
-        x = self.embed_image(codes[:, None], index)
-        return self._image_logits(self.transformer(x, cache, start=self.config.text_len + index)[:, -1])
+        """Feed image code `index` (codes [B]) -> image logits [B, Vi] for code index + 1. Inference only."""
+        g = self.config.image_grid
+        x = self.image_emb(codes) + self.image_row.weight[index // g] + self.image_col.weight[index % g]
+        return self._image_logits(self.transformer.step(x, cache, self.config.text_len + index))
 
     @torch.no_grad()
     def generate(self, text: torch.Tensor, *, temperature: float = 1.0, top_k: Optional[int] = None,
                  top_p: Optional[float] = None, guidance_scale: float = 1.0,
-                 generator: Optional[torch.Generator] = None, prime: Optional[torch.Tensor] = None
-                 ) -> torch.Tensor:
+                 generator: Optional[torch.Generator] = None, prime: Optional[torch.Tensor] = None,
+                 null_text: Optional[torch.Tensor] = None,
+                 callback: Optional[Callable[[int, torch.Tensor], None]] = None) -> torch.Tensor:
         """Sample image codes for text Long[B, T] -> Long[B, h, w].
 
         temperature > 0 divides the logits; top_k keeps the k likeliest codes, top_p the smallest
@@ -252,7 +255,9 @@ class DALLE(nn.Module):
         conditional and the unconditional (null caption) branch as one batch of 2B and samples
         from uncond + s * (cond - uncond). `generator` (on any device) makes draws reproducible:
         sample b gets the same draws whatever the batch size. `prime` Long[B, r, w] (0 <= r < h)
-        fixes the first r rows; they are returned unchanged.
+        fixes the first r rows; they are returned unchanged. `null_text` Long[B, T] replaces the null
+        caption in the unconditional branch of guidance (a negative prompt). `callback(i, codes)`
+        runs after image code i is drawn, codes Long[B, N] filled up to i (progress bars, timing).
         """
         c = self.config
         text = self.check_text(text)
@@ -272,17 +277,23 @@ class DALLE(nn.Module):
                 raise ValueError(f"prime has {prime.shape[1]} rows; at most {g - 1} of {g} can be primed")
             prime = check_tokens("prime", prime, (B, None, g), c.image_vocab_size).flatten(1)
             n0 = prime.shape[1]
+        if null_text is not None:
+            null_text = check_tokens("null_text", null_text, (B, c.text_len), c.text_vocab_size)
+        if callback is not None and not callable(callback):
+            raise ValueError(f"callback must be callable, got {type(callback).__name__}")
 
         device = self.text_emb.weight.device
         text = text.to(device)
         prime = prime.to(device) if prime is not None else None
         guided = guidance_scale != 1
         if guided:  # one batch: [conditional ; unconditional (null caption)]
-            text = torch.cat([text, torch.full_like(text, c.pad_id)])
+            null = torch.full_like(text, c.pad_id) if null_text is None else null_text.to(device)
+            text = torch.cat([text, null])
             prime = prime.repeat(2, 1) if prime is not None else None
-        # All uniforms up front, [B, steps]: sample b's draws do not depend on B.
+        # All uniforms up front, [B, steps]: sample b's draws do not depend on B. Step-major copy,
+        # so that each step reads one contiguous row.
         noise = torch.rand(B, N - n0, generator=generator,
-                           device=generator.device if generator is not None else "cpu").to(device)
+                           device=generator.device if generator is not None else "cpu").to(device).t().contiguous()
 
         was_training = self.training
         self.eval()
@@ -296,8 +307,10 @@ class DALLE(nn.Module):
                 if guided:
                     cond, uncond = logits.float().chunk(2)
                     logits = uncond + guidance_scale * (cond - uncond)
-                tok = sample_logits(logits, noise[:, i - n0], temperature, top_k, top_p)
+                tok = sample_logits(logits, noise[i - n0], temperature, top_k, top_p)
                 out[:, i] = tok
+                if callback is not None:
+                    callback(i, out)
                 if i + 1 < N:
                     logits = self.step(tok.repeat(2) if guided else tok, i, cache)
         finally:

@@ -116,7 +116,13 @@ def run_demo(out, data: str = "shapes", budget: str = "default", seed: int = 0) 
     def assemble():
         pipe = TextToImagePipeline.from_pretrained_parts(
             tokenizer=tok_dir, dvae=dvae_dir, dalle=runs / "dalle" / "export", clip=runs / "clip" / "export")
-        pipe.save_pretrained(pipe_dir)
+        pipe.save_pretrained(pipe_dir, card={
+            "name": f"dalle-ar demo ({data})",
+            "datasets": [f"{data} (built into dalle-ar: `dalle-ar data {data}`)"],
+            "training": {"recipe": f"`dalle-ar demo --data {data} --budget {budget}` (seed {seed}), "
+                                   "configs train/configs/*-" + data + ".json"},
+            "description": "A small model trained from scratch on CPU by the built-in demo: a smoke test "
+                           "and an example of the layout, not a general text-to-image model."})
         return {"pipeline": str(pipe_dir)}
 
     summary["pipeline"] = _stage(pipe_dir, "save pipeline", assemble)

@@ -63,10 +63,16 @@ def generate_to_folder(pipe, prompts_file, out, *, candidates: int = 16, keep: i
                        batch_size: int = 16, grid_rows: int = 64,
                        temperature: Optional[float] = None, top_k: Optional[int] = None,
                        top_p: Optional[float] = None, guidance_scale: Optional[float] = None,
-                       consensus: Optional[float] = None, progress: bool = True) -> dict:
-    """Generate for every prompt of `prompts_file` into `out`; returns a summary dict."""
+                       consensus: Optional[float] = None, negative_prompt: Optional[str] = None,
+                       init_image=None, keep_rows: Optional[int] = None, progress: bool = True) -> dict:
+    """Generate for every prompt of `prompts_file` into `out`; returns a summary dict.
+
+    init_image (a path or a PIL image) + keep_rows: complete that image for every prompt (its
+    first keep_rows rows of codes kept); negative_prompt: guidance's unconditional caption."""
     if keep > candidates:
         raise ValueError(f"keep={keep} > candidates={candidates}")
+    if init_image is not None and not isinstance(init_image, Image.Image):
+        init_image = load_image(init_image)
     prompts, problems = read_prompts(prompts_file)
     for p in problems:
         log.warning(p)
@@ -77,13 +83,14 @@ def generate_to_folder(pipe, prompts_file, out, *, candidates: int = 16, keep: i
     jsonl = out / "prompts.jsonl"
     done = _done_lines(jsonl)
     todo = [(n, p) for n, p in prompts if n not in done]
-    bar = tqdm(total=len(todo), desc="prompts", unit="prompt", disable=not progress)
-    with open(jsonl, "a") as f:
+    # The bar is closed on errors too, so that an error message starts a line of its own.
+    with tqdm(total=len(todo), desc="prompts", unit="prompt", disable=not progress) as bar, open(jsonl, "a") as f:
         for n, p in todo:
             # The seed of a prompt is tied to its line, so a resumed run gives the same images.
             (res,) = pipe([p], num_candidates=candidates, keep=keep, seed=seed + n, batch_size=batch_size,
                           temperature=temperature, top_k=top_k, top_p=top_p,
-                          guidance_scale=guidance_scale, consensus=consensus, progress=False)
+                          guidance_scale=guidance_scale, consensus=consensus, negative_prompt=negative_prompt,
+                          init_image=init_image, keep_rows=keep_rows, progress=False)
             rows = []
             for img, score, rank in zip(res.images, res.scores, res.ranks):
                 rel = f"images/{n:06d}_{rank}.png"
@@ -96,7 +103,6 @@ def generate_to_folder(pipe, prompts_file, out, *, candidates: int = 16, keep: i
             f.write("".join(json.dumps(r) + "\n" for r in rows))
             f.flush()
             bar.update(1)
-    bar.close()
     grid = write_grid(out, keep=keep, max_rows=grid_rows)
     return {"out": str(out), "prompts": len(prompts), "generated": len(todo), "resumed": len(prompts) - len(todo),
             "bad_lines": problems, "grid": str(grid), "jsonl": str(jsonl)}
@@ -116,10 +122,22 @@ def write_grid(out: Path, keep: int, max_rows: int = 64) -> Path:
     return out / "grid.png"
 
 
+def load_image(path) -> Image.Image:
+    """An image file, fully read (ValueError naming init_image when it is missing or not an image)."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except (OSError, ValueError) as e:  # missing, unreadable or not an image (PIL's UnidentifiedImageError)
+        raise ValueError(f"init_image {path}: cannot read it as an image ({e})") from None
+
+
 def generate(model, prompts_file, out, *, device: Optional[str] = None, clip: Optional[str] = None,
-             **options) -> dict:
+             torch_dtype=None, num_threads: Optional[int] = None, **options) -> dict:
     """Load the pipeline directory `model` (with `clip` replacing its reranker) on `device` (default:
-    cuda if available) and run `generate_to_folder` with `options`; returns its summary."""
+    cuda if available), the prior in `torch_dtype`, with `num_threads` CPU threads (None: the
+    `dalle_ar.threads` policy), and run `generate_to_folder` with `options`; returns its summary."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = TextToImagePipeline.from_pretrained(model, device=device, clip=clip)
+    pipe = TextToImagePipeline.from_pretrained(model, device=device, clip=clip, torch_dtype=torch_dtype,
+                                               num_threads=num_threads)
     return generate_to_folder(pipe, prompts_file, out, **options)

@@ -13,23 +13,46 @@ This module joins tokenizer + dVAE + prior + reranker for inference; it never im
 
 from __future__ import annotations
 
+import json
+import logging
+import math
 import shutil
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
+import numpy as np
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from . import __version__
-from .images import image_grid, to_pil  # noqa: F401  (image_grid: dalle_ar.pipeline API, docs/api.md)
-from .io import write_json
 from .dalle import DALLE
 from .dvae import DiscreteVAE
+from .images import image_grid, to_pil  # noqa: F401  (image_grid: dalle_ar.pipeline API, docs/api.md)
+from .io import atomic_path, write_json
 from .rerank import CONSENSUS, CLIPReranker, check_consensus
+from .threads import check_threads, threads
 from .tokenizer import TextTokenizer
 
+log = logging.getLogger(__name__)
+
 PIPELINE_FILE = "pipeline.json"
+CARD_FILE = "README.md"
+OUTPUT_TYPES = ("pil", "np", "pt", "codes")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+
+def check_dtype(dtype, name: str = "torch_dtype") -> Optional[torch.dtype]:
+    """None, a floating torch.dtype or one of DTYPES' names ("bf16", "torch.float16", ...) -> torch.dtype."""
+    if dtype is None or (isinstance(dtype, torch.dtype) and dtype in DTYPES.values()):
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
+        return DTYPES[dtype.removeprefix("torch.")]
+    raise ValueError(f"{name} must be None, torch.float32/bfloat16/float16 or one of {sorted(DTYPES)}, got {dtype!r}")
 
 
 @dataclass
@@ -38,12 +61,13 @@ class PromptResult:
     consensus > 0 the z-scored mix of CLIPReranker.rerank) and ranks (0 = best)."""
 
     prompt: str
-    images: list
+    images: list                       # in the call's output_type: PIL images, [H,W,3] float arrays, [3,H,W] tensors or code grids
     scores: list
     ranks: list
-    seed: int
-    candidates: Optional[list] = None  # all N candidates in sampling order, on request
+    seed: Optional[int]                # None when the call was given a generator
+    candidates: Optional[list] = None  # all N candidates in sampling order, on request (same type as images)
     candidate_scores: Optional[list] = None
+    codes: Optional[list] = None       # the kept images' code grids, Long[grid, grid]
 
 
 def check_prompts(prompts) -> list[str]:
@@ -59,9 +83,15 @@ def check_prompts(prompts) -> list[str]:
 
 
 class TextToImagePipeline:
-    """tokenizer -> prior -> dVAE decoder -> CLIP reranker."""
+    """tokenizer -> prior -> image decoder (dVAE) -> CLIP reranker.
 
-    def __init__(self, tokenizer, dvae, dalle, reranker=None, device: str | torch.device = "cpu"):
+    `device`, `torch_dtype` (the prior's dtype; the image decoder and CLIP stay float32 unless
+    `.to(..., decoder_dtype=)` asks) and `num_threads` (CPU threads during a call; None: the
+    `dalle_ar.threads` policy) as in diffusers' pipelines.
+    """
+
+    def __init__(self, tokenizer, dvae, dalle, reranker=None, device: str | torch.device = "cpu",
+                 torch_dtype=None, num_threads: Optional[int] = None, card: Optional[dict] = None):
         if dalle.config.image_vocab_size != dvae.config.vocab_size:
             raise ValueError(
                 f"dalle.image_vocab_size={dalle.config.image_vocab_size} does not match "
@@ -74,21 +104,41 @@ class TextToImagePipeline:
                 f"tokenizer vocab {tokenizer.vocab_size} > dalle.text_vocab_size={dalle.config.text_vocab_size}"
             )
         self.tokenizer, self.dvae, self.dalle, self.reranker = tokenizer, dvae, dalle, reranker
-        self.to(device)
+        self.num_threads = check_threads(num_threads)
+        self.card = dict(card or {})  # model card fields kept in pipeline.json (license, datasets, quality, ...)
+        self.to(device=device, dtype=check_dtype(torch_dtype))
 
-    def to(self, device) -> "TextToImagePipeline":
-        self.device = torch.device(device)
-        self.dvae.to(self.device).eval()
-        self.dalle.to(self.device).eval()
+    def to(self, *args, device=None, dtype=None, decoder_dtype=None) -> "TextToImagePipeline":
+        """`.to(device)`, `.to(dtype)`, `.to(device, dtype)` (diffusers style): dtype is the prior's;
+        the image decoder changes dtype only with `decoder_dtype`. Dtype names ("bf16") are accepted."""
+        for a in args:
+            if isinstance(a, torch.dtype) or (isinstance(a, str) and a.removeprefix("torch.") in DTYPES):
+                dtype = a
+            elif isinstance(a, (str, torch.device)):
+                device = a
+            else:
+                raise ValueError(f"to(): expected a device or a dtype, got {a!r}")
+        dtype, decoder_dtype = check_dtype(dtype, "dtype"), check_dtype(decoder_dtype, "decoder_dtype")
+        if device is not None or not hasattr(self, "device"):
+            self.device = torch.device(device if device is not None else "cpu")
+        self.dalle.to(device=self.device, dtype=dtype).eval()
+        self.dvae.to(device=self.device, dtype=decoder_dtype).eval()
         if self.reranker is not None:
             self.reranker.to(self.device)
         return self
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The prior's dtype."""
+        return self.dalle.text_emb.weight.dtype
+
     # ---- persistence -------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, directory, device="cpu", clip: str | None = None) -> "TextToImagePipeline":
-        """Load a pipeline directory; `clip` overrides its clip/ (e.g. a local copy of OpenAI's CLIP)."""
+    def from_pretrained(cls, directory, device="cpu", clip: str | None = None, *, torch_dtype=None,
+                        num_threads: Optional[int] = None) -> "TextToImagePipeline":
+        """Load a pipeline directory; `clip` overrides its clip/ (e.g. a local copy of OpenAI's CLIP);
+        `torch_dtype` ("bf16", torch.float16, ...) casts the prior after loading."""
         d = Path(directory)
         if not (d / PIPELINE_FILE).is_file():
             raise ValueError(f"{d} is not a pipeline directory: no {PIPELINE_FILE}")
@@ -97,21 +147,30 @@ class TextToImagePipeline:
                 raise ValueError(f"pipeline {d}: missing component '{part}/'")
         if clip is None and (d / "clip").is_dir():
             clip = d / "clip"
-        return cls.from_pretrained_parts(d / "tokenizer", d / "dvae", d / "dalle", clip, device=device)
+        card = json.loads((d / PIPELINE_FILE).read_text()).get("card")
+        return cls.from_pretrained_parts(d / "tokenizer", d / "dvae", d / "dalle", clip, device=device,
+                                         torch_dtype=torch_dtype, num_threads=num_threads, card=card)
 
     @classmethod
-    def from_pretrained_parts(cls, tokenizer, dvae, dalle, clip=None, device="cpu") -> "TextToImagePipeline":
+    def from_pretrained_parts(cls, tokenizer, dvae, dalle, clip=None, device="cpu", *, torch_dtype=None,
+                              num_threads: Optional[int] = None, card: Optional[dict] = None
+                              ) -> "TextToImagePipeline":
         """Join separately trained parts (directories); without `clip` there is no reranking."""
+        torch_dtype = check_dtype(torch_dtype)
         reranker = None
         if clip is not None:
             reranker = CLIPReranker.from_pretrained(clip, device=device)
         return cls(TextTokenizer.from_pretrained(tokenizer), DiscreteVAE.from_pretrained(dvae),
-                   DALLE.from_pretrained(dalle), reranker, device=device)
+                   DALLE.from_pretrained(dalle), reranker, device=device, torch_dtype=torch_dtype,
+                   num_threads=num_threads, card=card)
 
-    def save_pretrained(self, directory, clip_dir: str | None = None) -> Path:
-        """Write the pipeline layout. The CLIP is copied from `clip_dir` or from the reranker's source."""
+    def save_pretrained(self, directory, clip_dir: str | None = None, *, card: Optional[dict] = None) -> Path:
+        """Write the pipeline layout and its model card (README.md). The CLIP is copied from
+        `clip_dir` or from the reranker's source. `card` adds or replaces model card fields:
+        license, datasets (list), description, quality ({figure: value}), training ({stage: notes})."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
+        self.card.update(card or {})
         self.tokenizer.save_pretrained(d / "tokenizer")
         self.dvae.save_pretrained(d / "dvae")
         self.dalle.save_pretrained(d / "dalle")
@@ -122,7 +181,9 @@ class TextToImagePipeline:
                 shutil.copytree(src, d / "clip", dirs_exist_ok=True)
             components.append("clip")
         write_json(d / PIPELINE_FILE, {"format": "dalle-ar pipeline", "version": __version__,
-                                       "components": components})
+                                       "components": components, "card": self.card})
+        with atomic_path(d / CARD_FILE) as tmp:
+            tmp.write_text(model_card(self, components))
         return d
 
     # ---- generation --------------------------------------------------------------------------
@@ -130,18 +191,53 @@ class TextToImagePipeline:
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         return self.tokenizer.encode(prompts, length=self.dalle.config.text_len, truncation="warn")
 
+    def encode_image(self, image, name: str = "init_image") -> torch.Tensor:
+        """A PIL image (any mode: converted to RGB; square of any size: resized to the decoder's
+        image_size) or a float tensor [C, S, S] in [0, 1] of exactly that size -> codes Long[grid, grid]."""
+        c = self.dvae.config
+        size, channels = c.image_size, c.input_channels
+        if isinstance(image, Image.Image):
+            if image.width != image.height:
+                raise ValueError(f"{name} must be square (crop it first), got {image.width}x{image.height}")
+            image = image.convert("RGB" if channels == 3 else "L")
+            if image.size != (size, size):
+                image = image.resize((size, size), Image.BICUBIC)
+            arr = np.asarray(image, dtype=np.float32) / 255.0
+            x = torch.from_numpy(arr.reshape(size, size, channels)).permute(2, 0, 1)
+        elif isinstance(image, torch.Tensor):
+            if not image.is_floating_point() or tuple(image.shape) != (channels, size, size):
+                raise ValueError(f"{name} as a tensor must be float [{channels}, {size}, {size}] in [0, 1] "
+                                 f"(or pass a PIL image, which is converted and resized), got "
+                                 f"{image.dtype} {list(image.shape)}")
+            x = image
+        else:
+            raise ValueError(f"{name} must be a PIL image or a float tensor, got {type(image).__name__}")
+        dtype = next(self.dvae.parameters()).dtype
+        try:
+            return self.dvae.encode(x[None].to(self.device, dtype))[0]
+        except ValueError as e:  # values outside [0, 1]
+            raise ValueError(f"{name}: {e}") from None
+
     @torch.no_grad()
     def sample(self, text: torch.Tensor, n: int, *, generator: torch.Generator, batch_size: int,
-               progress=None, **sampling) -> torch.Tensor:
-        """n candidate images for ONE prompt's tokens text [1,T], in chunks of batch_size."""
-        out = []
+               progress=None, prime: Optional[torch.Tensor] = None, null_text: Optional[torch.Tensor] = None,
+               on_step: Optional[Callable] = None, decode: bool = True, **sampling):
+        """n candidates for ONE prompt's tokens text [1,T], in chunks of batch_size -> (codes Long[n, g, g],
+        images float [n,C,H,W] in [0,1] or None without `decode`). prime Long[1, r, g] fixes the
+        first r rows; null_text [1,T] is guidance's unconditional caption; on_step(batch_start, i, codes)."""
+        codes, images = [], []
         for start in range(0, n, batch_size):
             b = min(batch_size, n - start)
-            codes = self.dalle.generate(text.expand(b, -1).to(self.device), generator=generator, **sampling)
-            out.append(self.dvae.decode(codes).float().cpu())
+            cb = None if on_step is None else (lambda i, c, start=start: on_step(start, i, c))
+            z = self.dalle.generate(text.expand(b, -1).to(self.device), generator=generator, callback=cb,
+                                    prime=None if prime is None else prime.expand(b, -1, -1),
+                                    null_text=None if null_text is None else null_text.expand(b, -1), **sampling)
+            codes.append(z.cpu())
+            if decode:
+                images.append(self.dvae.decode(z).float().cpu())
             if progress is not None:
                 progress.update(b)
-        return torch.cat(out)
+        return torch.cat(codes), (torch.cat(images) if decode else None)
 
     def __call__(
         self,
@@ -153,57 +249,199 @@ class TextToImagePipeline:
         top_k: Optional[int] = None,
         top_p: Optional[float] = None,
         guidance_scale: Optional[float] = None,
+        negative_prompt=None,
         consensus: Optional[float] = None,
-        seed: int = 0,
+        seed: Optional[int] = None,
+        generator=None,
+        init_image=None,
+        keep_rows: Optional[int] = None,
+        output_type: str = "pil",
         batch_size: int = 16,
         return_candidates: bool = False,
+        callback_on_step_end: Optional[Callable] = None,
         progress: bool = True,
     ) -> list[PromptResult]:
         """Sample `num_candidates` images per prompt, keep the `keep` best by the reranker.
 
-        Prompt i samples with its own generator seeded `seed + i`, so a prompt's images do not
-        depend on which other prompts share the call. Without a CLIP, candidates keep their
-        sampling order and scores are NaN. temperature and guidance_scale None: the prior's
-        configured values (DALLEConfig.temperature, DALLEConfig.guidance_scale). consensus: the
-        weight of candidate agreement in the ranking (CLIPReranker.rerank; 0 = CLIP score alone;
-        None = rerank.CONSENSUS).
+        Randomness: prompt i samples with its own generator seeded `seed + i` (seed None: 0), so a
+        prompt's images do not depend on which other prompts share the call; or pass `generator`
+        (one torch.Generator drawn from prompt after prompt, or a list, one per prompt) instead.
+        Without a CLIP, candidates keep their sampling order and scores are NaN. temperature and
+        guidance_scale None: the prior's configured values (DALLEConfig.temperature,
+        DALLEConfig.guidance_scale). consensus: the weight of candidate agreement in the ranking
+        (CLIPReranker.rerank; 0 = CLIP score alone; None = rerank.CONSENSUS).
+
+        negative_prompt (a string, or one per prompt): the unconditional branch of guidance
+        (guidance_scale != 1) is conditioned on it instead of the null caption; too long ones are
+        truncated like prompts. init_image (a PIL image, or one per prompt; see `encode_image`) with
+        keep_rows r (1 .. grid-1; default grid // 2): image completion, the first r rows of the
+        image's codes are kept and the rest sampled. output_type: "pil" | "np" ([H,W,C] float32 in
+        [0,1]) | "pt" ([C,H,W] float32) | "codes" (Long[grid, grid]). callback_on_step_end(pipe,
+        step, total, {"prompt_index", "batch_start", "token", "codes"}) runs after every sampled
+        image token (step counts from 0 over the whole call; codes: that batch's codes so far).
         """
         prompts = check_prompts(prompts)
         for name, v in (("num_candidates", num_candidates), ("keep", keep), ("batch_size", batch_size)):
-            if not isinstance(v, int) or v < 1:
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
         if keep > num_candidates:
             raise ValueError(f"keep={keep} > num_candidates={num_candidates}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise ValueError(f"callback_on_step_end must be callable, got {type(callback_on_step_end).__name__}")
         consensus = CONSENSUS if consensus is None else check_consensus(consensus)
+        generators = self._generators(prompts, seed, generator)
+        negatives = _per_prompt(negative_prompt, prompts, "negative_prompt", allow_empty=True)
+        init_images = _per_prompt(init_image, prompts, "init_image")
+        g = self.dalle.config.image_grid
+        if keep_rows is not None and init_image is None:
+            raise ValueError("keep_rows needs an init_image")
+        if init_image is not None:
+            keep_rows = g // 2 if keep_rows is None else keep_rows
+            if not isinstance(keep_rows, int) or isinstance(keep_rows, bool) or not 1 <= keep_rows < g:
+                raise ValueError(f"keep_rows must be an int in [1, {g - 1}] (the image has {g} rows of codes), "
+                                 f"got {keep_rows!r}")
         if temperature is None:
             temperature = self.dalle.config.temperature
         if guidance_scale is None:
             guidance_scale = self.dalle.config.guidance_scale
+        if negatives is not None and guidance_scale == 1:
+            log.warning("negative_prompt has no effect without guidance (guidance_scale=1)")
         sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance_scale)
         text = self.encode_prompts(prompts)
+        null = self.encode_prompts(negatives) if negatives is not None else None
+        primes = None
+        if isinstance(init_image, (list, tuple)):
+            primes = [self.encode_image(im, f"init_image[{i}]")[None, :keep_rows].cpu()
+                      for i, im in enumerate(init_images)]
+        elif init_image is not None:
+            primes = [self.encode_image(init_image)[None, :keep_rows].cpu()] * len(prompts)
+        steps_per_batch = g * g - (keep_rows if primes is not None else 0) * g
+        total = len(prompts) * math.ceil(num_candidates / batch_size) * steps_per_batch
+        counter = [0]
         bar = tqdm(total=len(prompts) * num_candidates, desc="candidates", unit="img",
                    disable=not progress, leave=False)
         results = []
-        for i, prompt in enumerate(prompts):
-            g = torch.Generator(device=self.device).manual_seed(seed + i)
-            images = to_pil(self.sample(text[i:i + 1], num_candidates, generator=g,
-                                        batch_size=batch_size, progress=bar, **sampling))
-            if self.reranker is not None:
-                order, scores = self.reranker.rerank(prompt, images, keep=num_candidates, consensus=consensus)
-                order, scores = order.tolist(), scores.tolist()
-            else:
-                order, scores = list(range(num_candidates)), [float("nan")] * num_candidates
-            all_scores = [0.0] * num_candidates
-            for idx, s in zip(order, scores):
-                all_scores[idx] = s
-            results.append(PromptResult(
-                prompt=prompt,
-                images=[images[j] for j in order[:keep]],
-                scores=scores[:keep],
-                ranks=list(range(keep)),
-                seed=seed + i,
-                candidates=images if return_candidates else None,
-                candidate_scores=all_scores if return_candidates else None,
-            ))
+        with threads(self.num_threads) if self.device.type == "cpu" else nullcontext():
+            for i, prompt in enumerate(prompts):
+                on_step = None
+                if callback_on_step_end is not None:
+                    def on_step(batch_start, token, codes, i=i):
+                        callback_on_step_end(self, counter[0], total, {"prompt_index": i, "batch_start": batch_start,
+                                                                      "token": token, "codes": codes})
+                        counter[0] += 1
+                decode = output_type != "codes" or self.reranker is not None
+                codes, images = self.sample(text[i:i + 1], num_candidates, generator=generators[i],
+                                            batch_size=batch_size, progress=bar,
+                                            prime=None if primes is None else primes[i],
+                                            null_text=None if null is None else null[i:i + 1],
+                                            on_step=on_step, decode=decode, **sampling)
+                pil = to_pil(images) if images is not None else None
+                if self.reranker is not None:
+                    order, scores = self.reranker.rerank(prompt, pil, keep=num_candidates, consensus=consensus)
+                    order, scores = order.tolist(), scores.tolist()
+                else:
+                    order, scores = list(range(num_candidates)), [float("nan")] * num_candidates
+                all_scores = [0.0] * num_candidates
+                for idx, sc in zip(order, scores):
+                    all_scores[idx] = sc
+                out = _convert(output_type, codes, images, pil)
+                results.append(PromptResult(
+                    prompt=prompt,
+                    images=[out[j] for j in order[:keep]],
+                    scores=scores[:keep],
+                    ranks=list(range(keep)),
+                    seed=None if generator is not None else (0 if seed is None else seed) + i,
+                    candidates=out if return_candidates else None,
+                    candidate_scores=all_scores if return_candidates else None,
+                    codes=[codes[j] for j in order[:keep]],
+                ))
         bar.close()
         return results
+
+    def _generators(self, prompts, seed, generator) -> list:
+        if seed is not None and generator is not None:
+            raise ValueError("pass seed or generator, not both")
+        if generator is None:
+            if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+                raise ValueError(f"seed must be None or an int, got {seed!r}")
+            return [torch.Generator(device=self.device).manual_seed((seed or 0) + i) for i in range(len(prompts))]
+        gens = list(generator) if isinstance(generator, (list, tuple)) else [generator] * len(prompts)
+        if len(gens) != len(prompts) or not all(isinstance(x, torch.Generator) for x in gens):
+            raise ValueError(f"generator must be a torch.Generator or a list of {len(prompts)} (one per prompt), "
+                             f"got {generator!r}")
+        return gens
+
+
+def _per_prompt(value, prompts: list, name: str, allow_empty: bool = False) -> Optional[list]:
+    """None, one value for every prompt, or a list/tuple with one per prompt -> None or a list."""
+    if value is None:
+        return None
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * len(prompts)
+    if len(values) != len(prompts):
+        raise ValueError(f"{name}: {len(values)} given for {len(prompts)} prompts")
+    if name == "negative_prompt":
+        for i, v in enumerate(values):
+            if not isinstance(v, str):
+                raise ValueError(f"negative_prompt must be a string or one per prompt, item {i} is {type(v).__name__}")
+    return values
+
+
+def _convert(output_type: str, codes: torch.Tensor, images: Optional[torch.Tensor], pil: Optional[list]) -> list:
+    """One list entry per candidate, in the requested output type."""
+    if output_type == "codes":
+        return list(codes)
+    if output_type == "pil":
+        return pil
+    if output_type == "pt":
+        return list(images)
+    return list(images.permute(0, 2, 3, 1).numpy())
+
+
+def model_card(pipe: TextToImagePipeline, components: list) -> str:
+    """The pipeline directory's README.md: YAML front matter (Hugging Face model card fields) + usage."""
+    from .io import config_to_dict
+
+    card = pipe.card
+    datasets = card.get("datasets") or []
+    quality = card.get("quality") or {}
+    dalle, dvae = config_to_dict(pipe.dalle.config), config_to_dict(pipe.dvae.config)
+    lines = ["---", "library_name: dalle-ar", "pipeline_tag: text-to-image",
+             f"license: {card.get('license', 'mit')}", "tags:", "  - text-to-image", "  - dall-e",
+             "  - autoregressive"]
+    if datasets:
+        lines += ["datasets:"] + [f"  - {json.dumps(str(d))}" for d in datasets]
+    if quality:
+        lines += ["model-index:", "  - name: dalle-ar", "    results:", "      - task:",
+                  "          type: text-to-image", "        metrics:"]
+        lines += [f"          - name: {json.dumps(str(k))}\n            type: {json.dumps(str(k))}\n"
+                  f"            value: {json.dumps(v)}" for k, v in quality.items()]
+    lines += ["---", "", f"# {card.get('name', 'dalle-ar text-to-image pipeline')}", ""]
+    lines += [card.get("description", "A DALL-E (2021) style pipeline: BPE text tokens, a decoder-only transformer "
+                                      "prior over [text ; image codes], a discrete VAE image decoder"
+                                      + (" and CLIP reranking." if "clip" in components else "."))]
+    lines += ["", "```python", "from dalle_ar import TextToImagePipeline", "",
+              'pipe = TextToImagePipeline.from_pretrained("path/to/this/folder")',
+              'results = pipe(["a prompt"], num_candidates=16, keep=4)',
+              'results[0].images[0].save("best.png")', "```", "",
+              "or `dalle-ar generate --model path/to/this/folder --prompts prompts.txt --out out/`.", "",
+              "## Components", "", "| part | summary |", "| --- | --- |",
+              f"| tokenizer | BPE, {pipe.tokenizer.vocab_size} tokens, captions cut to {dalle['text_len']} |",
+              f"| prior | {pipe.dalle.num_parameters() / 1e6:.2f}M params: dim {dalle['dim']}, depth {dalle['depth']}, "
+              f"heads {dalle['heads']}, attention {', '.join(dalle['attn_types'])}, "
+              f"{dalle['image_grid']}x{dalle['image_grid']} image codes of {dalle['image_vocab_size']} |",
+              f"| image decoder | dVAE, {dvae['image_size']} px, vocab {dvae['vocab_size']} |",
+              f"| reranker | {'CLIP (clip/)' if 'clip' in components else 'none'} |", "",
+              f"Sampling defaults: temperature {dalle['temperature']}, guidance scale {dalle['guidance_scale']}.", ""]
+    if datasets or card.get("training"):
+        lines += ["## Training", ""]
+        lines += [f"- data: {', '.join(map(str, datasets))}"] if datasets else []
+        lines += [f"- {k}: {v}" for k, v in (card.get("training") or {}).items()]
+        lines += [""]
+    if quality:
+        lines += ["## Quality", "", "| figure | value |", "| --- | --- |"]
+        lines += [f"| {k} | {v} |" for k, v in quality.items()] + [""]
+    lines += ["## Configs", "", "prior (`dalle/config.json`):", "", "```json", json.dumps(dalle, indent=2), "```", "",
+              "image decoder (`dvae/config.json`):", "", "```json", json.dumps(dvae, indent=2), "```", ""]
+    return "\n".join(lines)

@@ -66,19 +66,32 @@ class KVCache:
 
     Allocated at the first write (so it takes the dtype the layers produce, bf16 under autocast
     included) and never grown: `update` copies the new entries in place at [start, start + n)
-    and returns views of the keys and values 0 .. `keys` (default start + n). Zero-filled, so
-    masked slots not written yet hold no NaN that a zero attention weight would still spread.
+    and returns views of the keys and values 0 .. `keys` (default start + n).
+
+    `static` (default: on CUDA) makes every decoding step attend over all max_len slots, the mask
+    row hiding those after t: one shape for every step, which CUDA graphs and attention backends
+    that plan per shape (cuDNN) need. The tensor is then zero-filled, so slots not written yet hold
+    no NaN that a zero attention weight would still spread. Otherwise (CPU) a step attends over the
+    written slots 0 .. t only, and the tensor is left uninitialised: nothing unwritten is read.
     """
 
-    def __init__(self, layers: int, max_len: int):
-        self.layers, self.max_len = layers, max_len
+    def __init__(self, layers: int, max_len: int, static: Optional[bool] = None):
+        self.layers, self.max_len, self.static = layers, max_len, static
         self.kv: Optional[torch.Tensor] = None
+        self.plan: Optional[list] = None  # per-layer weights and mask biases of `Transformer.step`
+
+    def allocate(self, like: torch.Tensor, batch: int, heads: int, head_dim: int) -> torch.Tensor:
+        if self.static is None:
+            self.static = like.is_cuda
+        new = like.new_zeros if self.static else like.new_empty
+        self.kv = new(self.layers, 2, batch, heads, self.max_len, head_dim)
+        return self.kv
 
     def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor, keys: Optional[int] = None):
         end = start + k.shape[2]
         if self.kv is None:
             b, h, _, d = k.shape
-            self.kv = k.new_zeros(self.layers, 2, b, h, self.max_len, d)
+            self.allocate(k, b, h, d)
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; asked to write up to {end}")
         kv = self.kv[layer]
@@ -150,17 +163,84 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(dim, heads, ff_mult, dropout) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
 
-    def new_cache(self) -> KVCache:
-        return KVCache(len(self.blocks), self.max_len)
+    def new_cache(self, static: Optional[bool] = None) -> KVCache:
+        return KVCache(len(self.blocks), self.max_len, static)
 
-    def _attn_args(self, kind: str, start: int, n: int, cached: bool):
+    def _attn_args(self, kind: str, start: int, n: int, cache: Optional[KVCache]):
         """(attn_mask, is_causal) for n queries at positions start .. start + n - 1."""
         if kind == "full" and start == 0:
             return None, True  # as many queries as keys: plain causal, the fused fast path
         mask = getattr(self, f"mask_{kind}")
-        if cached and n == 1:
-            return mask[start:start + 1], False  # a decoding step: every slot, same shape each step
+        if cache is not None and cache.static and n == 1:
+            return mask[start:start + 1], False  # a static decoding step: every slot, one shape
         return mask[start:start + n, :start + n], False
+
+    def _step_plan(self, cache: KVCache, like: torch.Tensor) -> tuple:
+        """What `step` uses, built once per cache: per layer the LayerNorm weights, the QKV weight
+        with the attention scale folded into its query rows, transposed projections (for in-place
+        residual addmm), views of the layer's cache slots (slot-major for the write, [B*heads, ...]
+        for attention) and its mask kind; then step-sized buffers and their views, so that a step
+        allocates only the outputs of LayerNorm, attention scores and softmax."""
+        biases = {}
+        layers = []
+        B, heads, d = cache.kv.shape[2], cache.kv.shape[3], cache.kv.shape[5]
+        dim = heads * d
+        for i, (block, kind) in enumerate(zip(self.blocks, self.kinds)):
+            if kind not in biases:
+                mask = getattr(self, f"mask_{kind}")
+                dense = kind == "full" and not cache.static
+                biases[kind] = None if dense else torch.zeros(mask.shape, dtype=like.dtype, device=like.device
+                                                              ).masked_fill_(~mask, float("-inf"))
+            a, m, ln1, ln2 = block.attn, block.mlp, block.ln1, block.ln2
+            scale = torch.ones(3 * dim, 1, dtype=like.dtype, device=like.device)
+            scale[:dim] = d ** -0.5
+            kv = cache.kv[i]  # [2, B, heads, max_len, d]
+            layers.append((ln1.weight, ln1.bias, (a.qkv.weight * scale).t(), a.qkv.bias * scale.flatten(),
+                           a.proj.weight.t(), a.proj.bias, ln2.weight, ln2.bias, m.fc.weight.t(), m.fc.bias,
+                           m.proj.weight.t(), m.proj.bias, kv.permute(3, 0, 1, 2, 4),
+                           kv[0].flatten(0, 1).transpose(1, 2), kv[1].flatten(0, 1), kind))
+        qkv = like.new_empty(B, 3 * dim)
+        q = like.new_empty(B * heads, 1, d)
+        hidden = like.new_empty(B, self.blocks[0].mlp.fc.out_features)
+        buffers = (qkv, q, q.view(B, heads, d), qkv[:, :dim].view(B, heads, d),
+                   qkv[:, dim:].view(B, 2, heads, d).transpose(0, 1), hidden)
+        return layers, biases, buffers
+
+    @torch.no_grad()
+    def step(self, x: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
+        """One decoding step: x [B, dim] at position pos (earlier ones in the cache) -> normed [B, dim].
+
+        Inference only; x is the residual stream and is overwritten. On CPU the step is a flat
+        sequence of ~14 ops a layer (no module calls, K and V written into the cache by one copy,
+        the residual added in place by addmm, preallocated buffers) over the written slots
+        0 .. pos (all slots with a static cache); on CUDA, under autocast and with dropout in
+        training mode it is the module path, `forward` with one position.
+        """
+        if (x.is_cuda or torch.is_autocast_enabled(x.device.type) or cache.kv is None
+                or (self.training and any(b.attn.dropout for b in self.blocks))):
+            return self.forward(x[:, None], cache, start=pos)[:, 0]
+        if pos >= self.max_len:
+            raise ValueError(f"position {pos} exceeds max_len={self.max_len}")
+        if cache.plan is None:
+            cache.plan = self._step_plan(cache, x)
+        layers, biases, (qkv, q, q_heads, q_src, kv_src, hidden) = cache.plan
+        dim = x.shape[1]
+        keys = self.max_len if cache.static else pos + 1
+        eps = self.norm.eps
+        rows = {kind: None if b is None else b[pos, :keys] for kind, b in biases.items()}
+        for ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, fc_w, fc_b, out_w, out_b, \
+                slots, k_all, v_all, kind in layers:
+            torch.addmm(qkv_b, F.layer_norm(x, (dim,), ln1_w, ln1_b, eps), qkv_w, out=qkv)
+            slots[pos].copy_(kv_src)
+            q_heads.copy_(q_src)
+            bias = rows[kind]
+            k = k_all.narrow(2, 0, keys)
+            att = torch.bmm(q, k) if bias is None else torch.baddbmm(bias, q, k)
+            y = torch.bmm(att.softmax(-1), v_all.narrow(1, 0, keys))
+            x.addmm_(y.view(-1, dim), proj_w).add_(proj_b)
+            torch.addmm(fc_b, F.layer_norm(x, (dim,), ln2_w, ln2_b, eps), fc_w, out=hidden)
+            x.addmm_(torch._C._nn.gelu_(hidden), out_w).add_(out_b)
+        return F.layer_norm(x, (dim,), self.norm.weight, self.norm.bias, eps)
 
     def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None, start: int = 0) -> torch.Tensor:
         """x [B, n, dim] at positions start .. start + n - 1 -> normed hidden states [B, n, dim].
@@ -174,6 +254,6 @@ class Transformer(nn.Module):
         if start + n > self.max_len:
             raise ValueError(f"positions {start}..{start + n - 1} exceed max_len={self.max_len}")
         for i, (block, kind) in enumerate(zip(self.blocks, self.kinds)):
-            attn_mask, is_causal = self._attn_args(kind, start, n, cache is not None)
+            attn_mask, is_causal = self._attn_args(kind, start, n, cache)
             x = block(x, attn_mask, is_causal, cache, i, start)
         return self.norm(x)

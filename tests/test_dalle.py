@@ -109,12 +109,13 @@ def test_loss_and_logit_shapes():
 @pytest.mark.parametrize("attn_types", [("full",), ("row",), ("column",), ("conv",), MIXED],
                          ids=lambda t: ",".join(t))
 @pytest.mark.parametrize("primed", [0, 5])
-def test_cached_decoding_equals_full_forward(attn_types, primed):
+@pytest.mark.parametrize("static", [False, True], ids=["written-slots", "static"])
+def test_cached_decoding_equals_full_forward(attn_types, primed, static):
     model = make(attn_types)
     text, codes = batch()
     _, full = model.logits(text, codes)
     flat = codes.flatten(1)
-    cache = model.new_cache()
+    cache = model.new_cache(static)
     steps = [model.prefill(text, cache, flat[:, :primed])]
     storage = cache.kv.data_ptr()
     for i in range(primed, G * G - 1):
@@ -125,9 +126,28 @@ def test_cached_decoding_equals_full_forward(attn_types, primed):
     assert torch.allclose(cached, full[:, primed:], atol=1e-5, rtol=0), (cached - full[:, primed:]).abs().max()
 
 
-def test_decoding_steps_all_have_one_shape(monkeypatch):
-    """Each step attends over every cache slot (the mask hides later ones): one shape for all
-    steps, so backends that plan per shape (cuDNN) plan once, not once per token."""
+@pytest.mark.parametrize("static", [False, True], ids=["written-slots", "static"])
+def test_flat_cpu_step_equals_the_module_path(static):
+    """`Transformer.step` on CPU (flat ops, in-place residual) == `forward` with one position (the
+    path CUDA and autocast take), for every mask type at once."""
+    model = make(MIXED)
+    text, codes = batch()
+    flat = codes.flatten(1)
+    caches = [model.new_cache(static), model.new_cache(static)]
+    for cache in caches:
+        model.prefill(text, cache)
+    for i in range(G * G - 1):
+        x = model.embed_image(flat[:, i:i + 1], i)
+        fast = model.transformer.step(x[:, 0].clone(), caches[0], T + i)  # overwrites its input
+        slow = model.transformer(x, caches[1], start=T + i)[:, 0]
+        assert torch.allclose(fast, slow, atol=1e-5, rtol=0), (i, (fast - slow).abs().max())
+    assert torch.allclose(caches[0].kv, caches[1].kv, atol=1e-5, rtol=0)
+
+
+def test_static_cache_steps_all_have_one_shape(monkeypatch):
+    """With a static cache (the CUDA default) each step attends over every slot (the mask hides
+    later ones): one shape for all steps, so backends that plan per shape (cuDNN) and CUDA graphs
+    see one shape, not one per token. CPU steps attend over the written slots only."""
     model = make(MIXED)
     shapes = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -137,8 +157,17 @@ def test_decoding_steps_all_have_one_shape(monkeypatch):
         return sdpa(q, k, v, **kwargs)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
-    model.generate(batch()[0], generator=seeded(0))
+    text, codes = batch()
+    flat = codes.flatten(1)
+    cache = model.new_cache(static=True)
+    model.prefill(text, cache)
+    for i in range(G * G - 1):  # the module path of a step, as CUDA runs it
+        model.transformer(model.embed_image(flat[:, i:i + 1], i), cache, start=T + i)
     assert set(shapes) == {(T, T), (1, T + G * G - 1)}
+    assert cache.static is True
+    dynamic = model.new_cache()
+    model.prefill(text, dynamic)
+    assert dynamic.static is False  # CPU default: uninitialised, only written slots are read
 
 
 def test_tied_heads():
@@ -202,6 +231,24 @@ def test_guidance():
     _, uncond = model.logits(null, codes)
     assert (uncond + s * (cond - uncond)).argmax(-1).equal(codes.flatten(1))
     assert not codes.equal(model.generate(text, top_k=1))
+
+
+def test_null_text_and_callback():
+    model = make(MIXED)
+    text = batch()[0]
+    null = torch.zeros_like(text)
+    guided = model.generate(text, guidance_scale=2.0, generator=seeded(4))
+    assert guided.equal(model.generate(text, guidance_scale=2.0, null_text=null, generator=seeded(4)))
+    other = torch.full_like(text, 7)
+    codes = model.generate(text, guidance_scale=2.0, top_k=1, null_text=other, generator=seeded(4))
+    _, cond = model.logits(text, codes)
+    _, uncond = model.logits(other, codes)
+    assert (uncond + 2.0 * (cond - uncond)).argmax(-1).equal(codes.flatten(1))
+    seen = []
+    out = model.generate(text, prime=batch()[1][:, :1], generator=seeded(0),
+                         callback=lambda i, c: seen.append((i, c[:, i].clone())))
+    assert [i for i, _ in seen] == list(range(G, G * G))
+    assert all(tok.equal(out.flatten(1)[:, i]) for i, tok in seen)
 
 
 def test_priming_keeps_rows_and_continues():
@@ -316,6 +363,9 @@ GOOD_TEXT = torch.ones(2, T, dtype=torch.long)
     (dict(text=torch.full((2, T), 40)), "text"),
     (dict(text=torch.full((2, T), -1)), "text"),
     (dict(text=[[1] * T]), "text"),
+    (dict(null_text=torch.ones(3, T, dtype=torch.long)), "null_text"),
+    (dict(null_text=torch.full((2, T), 40)), "null_text"),
+    (dict(callback=3), "callback"),
 ])
 def test_generate_rejects_invalid_arguments(kwargs, name):
     model = make()

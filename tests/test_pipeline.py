@@ -197,3 +197,237 @@ def test_generate_without_any_usable_prompt(pipe, tmp_path):
     f.write_text("\n \n")
     with pytest.raises(ValueError, match="prompt"):
         generate_to_folder(pipe, f, tmp_path / "out", progress=False)
+
+
+# ---- diffusers-style knobs (issue 20) ---------------------------------------------------------
+
+def test_public_classes_import_from_the_package_lazily():
+    import subprocess
+    import sys
+
+    code = ("import sys, dalle_ar; assert 'torch' not in sys.modules, 'import dalle_ar loaded torch'; "
+            "from dalle_ar import TextToImagePipeline, DALLE, DALLEConfig, DiscreteVAE, CLIPReranker, TextTokenizer; "
+            "import dalle_ar.pipeline as p; assert TextToImagePipeline is p.TextToImagePipeline; "
+            "assert 'transformers' not in sys.modules; assert 'TextToImagePipeline' in dir(dalle_ar)")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    import dalle_ar
+
+    with pytest.raises(AttributeError):
+        dalle_ar.NoSuchThing
+
+
+def test_output_types_agree(pipe):
+    run = lambda kind: pipe(["red circle"], num_candidates=3, keep=2, seed=4, output_type=kind,  # noqa: E731
+                            return_candidates=True, progress=False)[0]
+    pil, arr, pt, codes = run("pil"), run("np"), run("pt"), run("codes")
+    assert pil.codes[0].shape == (8, 8) and all(c.dtype == torch.long for c in codes.images)
+    assert all(a.equal(b) for a, b in zip(codes.images, pil.codes))
+    assert arr.images[0].shape == (16, 16, 3) and arr.images[0].dtype.name == "float32"
+    assert pt.images[0].shape == (3, 16, 16) and pt.images[0].dtype == torch.float32
+    assert torch.allclose(torch.from_numpy(arr.images[0]).permute(2, 0, 1), pt.images[0])
+    assert torch.allclose(pt.images[0], pipe.dvae.decode(pil.codes[0][None])[0], atol=1e-5)
+    assert list(pil.images[0].getdata()) == list(to_pil_images(pt.images[:1])[0].getdata())
+    assert len(codes.candidates) == 3 and pil.scores == pytest.approx(codes.scores)
+
+
+def to_pil_images(images):
+    from dalle_ar.pipeline import to_pil
+
+    return to_pil(torch.stack(images))
+
+
+def test_generator_is_an_alternative_to_seed(pipe):
+    codes = lambda r: [c.tolist() for c in r[0].codes]  # noqa: E731
+    kw = dict(num_candidates=2, keep=2, progress=False, output_type="codes")
+    by_seed = pipe(["red circle"], seed=11, **kw)
+    by_gen = pipe(["red circle"], generator=torch.Generator().manual_seed(11), **kw)
+    assert codes(by_seed) == codes(by_gen) and by_gen[0].seed is None and by_seed[0].seed == 11
+    two = pipe(["red circle", "blue square"], generator=[torch.Generator().manual_seed(11),
+                                                          torch.Generator().manual_seed(3)], **kw)
+    assert codes(two[:1]) == codes(by_seed) and codes(two[1:]) == codes(pipe(["blue square"], seed=3, **kw))
+    with pytest.raises(ValueError, match="seed or generator"):
+        pipe(["red"], seed=1, generator=torch.Generator(), **kw)
+    with pytest.raises(ValueError, match="generator"):
+        pipe(["red", "blue"], generator=[torch.Generator()], **kw)
+
+
+def test_callback_on_step_end_sees_every_token(pipe):
+    seen = []
+
+    def cb(p, step, total, kw):
+        assert p is pipe
+        seen.append((step, total, kw["prompt_index"], kw["batch_start"], kw["token"], kw["codes"].shape))
+
+    pipe(["red", "blue"], num_candidates=3, keep=1, batch_size=2, seed=0, progress=False,
+         callback_on_step_end=cb)
+    total = 2 * 2 * 64  # prompts x batches x image tokens
+    assert [s[0] for s in seen] == list(range(total)) and {s[1] for s in seen} == {total}
+    assert seen[-1][2:] == (1, 2, 63, (1, 64)) and seen[0][2:] == (0, 0, 0, (2, 64))
+    with pytest.raises(ValueError, match="callback_on_step_end"):
+        pipe(["red"], callback_on_step_end=3, progress=False)
+
+
+def test_negative_prompt_conditions_the_unconditional_branch(pipe, caplog):
+    kw = dict(num_candidates=2, keep=2, seed=5, guidance_scale=3.0, top_k=1, output_type="codes", progress=False)
+    codes = lambda r: [c.tolist() for c in r[0].codes]  # noqa: E731
+    plain = pipe(["red circle"], **kw)
+    # The empty negative prompt is all pads: the null caption that guidance uses by default.
+    assert codes(pipe(["red circle"], negative_prompt="", **kw)) == codes(plain)
+    other = pipe(["red circle"], negative_prompt="a large blue square in the center", **kw)
+    assert codes(other) != codes(plain)
+    # Greedy guided codes == argmax of uncond + s (cond - uncond), uncond on the negative prompt.
+    text = pipe.encode_prompts(["red circle"])
+    neg = pipe.encode_prompts(["a large blue square in the center"])
+    z = other[0].codes[0][None]
+    _, cond = pipe.dalle.logits(text, z)
+    _, uncond = pipe.dalle.logits(neg, z)
+    assert (uncond + 3.0 * (cond - uncond)).argmax(-1).equal(z.flatten(1))
+    with caplog.at_level("WARNING"):
+        long = pipe(["red circle"], negative_prompt=" ".join(["red circle"] * 20), **kw)
+    assert "truncated" in caplog.text and len(long[0].codes) == 2
+    for bad in (3, ["a", "b"]):
+        with pytest.raises(ValueError, match="negative_prompt"):
+            pipe(["red circle"], negative_prompt=bad, **kw)
+
+
+def test_image_completion_keeps_the_init_images_rows(pipe):
+    from PIL import Image
+
+    rng = torch.Generator().manual_seed(0)
+    arr = (torch.rand(16, 16, 3, generator=rng) * 255).to(torch.uint8).numpy()
+    image = Image.fromarray(arr)
+    want = pipe.encode_image(image)
+    assert want.shape == (8, 8)
+    kw = dict(num_candidates=3, keep=3, seed=1, output_type="codes", progress=False)
+    res = pipe(["red circle"], init_image=image, keep_rows=3, **kw)[0]
+    assert all(c[:3].equal(want[:3]) for c in res.codes)
+    assert not all(c[3:].equal(want[3:]) for c in res.codes)
+    half = pipe(["red circle"], init_image=image, **kw)[0]  # default: half the rows
+    assert all(c[:4].equal(want[:4]) for c in half.codes)
+    # Other sizes and modes are resized / converted; a tensor of the right shape is taken as is.
+    big = image.resize((40, 40))
+    assert pipe.encode_image(big).equal(pipe.encode_image(big.convert("RGBA")))
+    assert pipe(["red circle"], init_image=big.convert("L"), keep_rows=2, **kw)[0].codes[0].shape == (8, 8)
+    t = torch.from_numpy(arr).permute(2, 0, 1).float() / 255
+    assert pipe.encode_image(t).equal(want)
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(init_image="x.png"), "init_image"),
+    (dict(init_image=torch.rand(3, 8, 8)), "init_image"),
+    (dict(init_image=torch.rand(3, 16, 16) * 2), "init_image"),
+    (dict(init_image="nonsquare"), "init_image"),
+    (dict(init_image="ok", keep_rows=0), "keep_rows"),
+    (dict(init_image="ok", keep_rows=8), "keep_rows"),
+    (dict(keep_rows=2), "keep_rows"),
+    (dict(output_type="latent"), "output_type"),
+    (dict(seed="1"), "seed"),
+])
+def test_invalid_knobs(pipe, kwargs, name):
+    from PIL import Image
+
+    images = {"ok": Image.new("RGB", (16, 16)), "nonsquare": Image.new("RGB", (16, 12))}
+    if isinstance(kwargs.get("init_image"), str) and kwargs["init_image"] in images:
+        kwargs["init_image"] = images[kwargs["init_image"]]
+    with pytest.raises(ValueError, match=name):
+        pipe(["red"], num_candidates=1, progress=False, **kwargs)
+
+
+def test_torch_dtype_casts_the_prior_only(pipe_dir):
+    bf = TextToImagePipeline.from_pretrained(pipe_dir, torch_dtype="bf16")
+    assert bf.dtype == torch.bfloat16 and bf.dalle.text_emb.weight.dtype == torch.bfloat16
+    assert next(bf.dvae.parameters()).dtype == torch.float32
+    (res,) = bf(["red circle"], num_candidates=2, keep=1, seed=0, progress=False)
+    assert res.images[0].size == (16, 16)
+    bf.to(torch.float32)
+    assert bf.dtype == torch.float32
+    bf.to("cpu", "float16", decoder_dtype="float32")
+    assert bf.dtype == torch.float16 and bf.device == torch.device("cpu")
+    for bad in ("bfloat", "int8", torch.int64):
+        with pytest.raises(ValueError, match="torch_dtype"):
+            TextToImagePipeline.from_pretrained(pipe_dir, torch_dtype=bad)
+    with pytest.raises(ValueError, match="to()"):
+        bf.to(3)
+
+
+def test_model_card(pipe, tmp_path):
+    import yaml
+
+    d = pipe.save_pretrained(tmp_path / "p", card={"datasets": ["shapes (built-in)"], "license": "apache-2.0",
+                                                   "quality": {"reranked exact": 0.61},
+                                                   "training": {"prior": "1000 steps x 32"}})
+    text = (d / "README.md").read_text()
+    assert text.startswith("---\n")
+    meta = yaml.safe_load(text.split("---\n")[1])
+    assert meta["library_name"] == "dalle-ar" and meta["pipeline_tag"] == "text-to-image"
+    assert meta["license"] == "apache-2.0" and meta["datasets"] == ["shapes (built-in)"]
+    assert meta["model-index"][0]["results"][0]["metrics"][0]["value"] == 0.61
+    assert "from dalle_ar import TextToImagePipeline" in text and '"dim": 32' in text
+    # The card's fields travel with the pipeline: a reload and a new save keep them.
+    again = TextToImagePipeline.from_pretrained(d).save_pretrained(tmp_path / "q")
+    assert (again / "README.md").read_text() == text
+
+
+def test_threads_policy(monkeypatch, pipe):
+    import dalle_ar.threads as th
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(th, "available_cores", lambda: 4)
+    for load, want in ((0.2, 4), (1.5, 3), (3.9, 1), (9.0, 1)):
+        monkeypatch.setattr(th, "load_average", lambda load=load: load)
+        assert th.pick_threads() == want
+    assert th.pick_threads(3) == 3
+    monkeypatch.setattr(th, "load_average", lambda: 0.0)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two processes of one launch share the 4 cores
+    assert th.pick_threads() == 2
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert th.pick_threads() == torch.get_num_threads()
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="num_threads"):
+            th.pick_threads(bad)
+    with pytest.raises(ValueError, match="num_threads"):
+        TextToImagePipeline(pipe.tokenizer, pipe.dvae, pipe.dalle, num_threads=0)
+    # A call runs with the pipeline's threads and gives torch's setting back afterwards.
+    before = torch.get_num_threads()
+    seen = []
+    pipe.num_threads = 1
+    try:
+        pipe(["red"], num_candidates=1, progress=False,
+             callback_on_step_end=lambda *a: seen.append(torch.get_num_threads()))
+    finally:
+        pipe.num_threads = None
+    assert set(seen) == {1} and torch.get_num_threads() == before
+
+
+def test_generate_cli_image_completion_threads_and_errors(pipe_dir, pipe, tmp_path, capsys):
+    from PIL import Image
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("red circle\n")
+    rng = torch.Generator().manual_seed(2)
+    image = Image.fromarray((torch.rand(32, 32, 3, generator=rng) * 255).to(torch.uint8).numpy())
+    image.save(tmp_path / "init.png")
+    base = ["generate", "--model", str(pipe_dir), "--prompts", str(prompts), "--candidates", "2", "--keep", "2",
+            "--device", "cpu"]
+    assert cli_main([*base, "--out", str(tmp_path / "o"), "--init-image", str(tmp_path / "init.png"),
+                     "--keep-rows", "3", "--threads", "1", "--guidance-scale", "2",
+                     "--negative-prompt", "blue square"]) == 0
+    rows = [json.loads(r) for r in (tmp_path / "o" / "prompts.jsonl").read_text().splitlines()]
+    pipe.num_threads = 1
+    try:  # the same as the library call (prompt on line 1: seed 0 + 1)
+        (lib,) = pipe(["red circle"], num_candidates=2, keep=2, seed=1, init_image=image, keep_rows=3,
+                      guidance_scale=2.0, negative_prompt="blue square", progress=False)
+    finally:
+        pipe.num_threads = None
+    assert all(c[:3].equal(pipe.encode_image(image)[:3]) for c in lib.codes)
+    assert [list(Image.open(tmp_path / "o" / r["image"]).getdata()) for r in rows] == \
+        [list(im.getdata()) for im in lib.images]
+    for extra, message in ((["--keep-rows", "2"], "--keep-rows needs --init-image"),
+                           (["--init-image", str(tmp_path / "none.png")], "init_image"),
+                           (["--init-image", str(prompts)], "init_image"),
+                           (["--init-image", str(tmp_path / "init.png"), "--keep-rows", "8"], "keep_rows"),
+                           (["--dtype", "int8"], "torch_dtype")):
+        assert cli_main([*base, "--out", str(tmp_path / "bad"), *extra]) == 2
+        err = [ln for ln in capsys.readouterr().err.splitlines() if "error:" in ln]
+        assert len(err) == 1 and err[0].startswith("dalle-ar generate: error:") and message in err[0], err

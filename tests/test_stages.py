@@ -184,3 +184,36 @@ def test_stages_refuse_missing_inputs(run, tmp_path):
         run_stage("clip", run["train"], tmp_path / "y", overrides=["train.steps=1"])
     with pytest.raises(ValueError, match="training run"):
         export_run(tmp_path, tmp_path / "z")
+
+
+def test_init_from_an_export_fine_tunes_with_a_fresh_schedule(run, tmp_path):
+    """--init-from: the run starts from the export's weights (a near-zero LR keeps them), records it,
+    and refuses an export of another kind or shape, naming --init-from and the differing field."""
+    from safetensors.torch import load_file
+
+    src = run["root"] / "dvae" / "export"
+    args = dict(val_shards=None, config_file=config_path("dvae-shapes.json"))
+    over = [*TINY["dvae"], *COMMON, "train.lr=1e-12", "train.min_lr=0", "model.ema_decay=null"]
+    result = run_stage("dvae", run["train"], tmp_path / "ft", overrides=over, init_from=src, **args)
+    assert result["steps"] == 3
+    a, b = load_file(src / "model.safetensors"), load_file(tmp_path / "ft" / "export" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert json.loads((tmp_path / "ft" / "stage.json").read_text())["init_from"] == str(src)
+    with pytest.raises(ValueError, match=r"--init-from.*n_hid: export 8, run 16"):
+        run_stage("dvae", run["train"], tmp_path / "x", overrides=[*over, "model.n_hid=16"], init_from=src, **args)
+    tok = run["root"] / "tokenizer"
+    with pytest.raises(ValueError, match="--init-from.*holds a dvae export, not a dalle one"):
+        run_stage("dalle", run["train"], tmp_path / "y", config_file=config_path("dalle-shapes.json"),
+                  overrides=[*TINY["dalle"], *COMMON, f"data.tokenizer={tok}", f"data.dvae={src}"], init_from=src)
+    with pytest.raises(ValueError, match="--init-from.*not an export"):
+        run_stage("dvae", run["train"], tmp_path / "z", overrides=over, init_from=tok, **args)
+
+
+def test_train_cli_init_from_and_threads_errors(run, tmp_path, capsys):
+    base = ["train", "dvae", "--train-shards", ",".join(run["train"]), "--out", str(tmp_path / "o"),
+            "--config", str(config_path("dvae-shapes.json")), *TINY["dvae"], *COMMON]
+    assert cli_main([*base, "--init-from", str(tmp_path / "missing")]) == 2
+    assert "dalle-ar train: error: --init-from:" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        cli_main([*base, "--threads", "0"])
+    assert e.value.code == 2 and "--threads" in capsys.readouterr().err

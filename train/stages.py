@@ -43,9 +43,11 @@ from dalle_ar.data import ShardLoader, iter_raw_samples, preprocess_image, shard
 from dalle_ar.dvae import DiscreteVAE, DVAEConfig, codebook_usage, psnr
 from dalle_ar.images import image_grid, to_pil
 from dalle_ar.io import config_from_dict, load_config, write_json
+from dalle_ar.threads import set_threads
 from dalle_ar.tokenizer import TextTokenizer
 
 from . import find_config
+from .init_from import init_from_export
 from .stage_config import CLIPDataConfig, DALLEDataConfig, DataConfig, route_overrides
 
 log = logging.getLogger(__name__)
@@ -433,11 +435,16 @@ RESUME_MAY_CHANGE = ("train.steps", "train.save_every", "train.keep_last", "trai
 
 
 def run_stage(stage: str, train_shards, out, *, val_shards=None, config_file=None, ds_config=None,
-              overrides=(), steps=None, batch_size=None, save_every=None, resume=False) -> dict:
+              overrides=(), steps=None, batch_size=None, save_every=None, resume=False, init_from=None,
+              threads=None) -> dict:
     """Train one stage through the shared engine, export it to OUT/export, evaluate; returns a summary.
 
     With `resume` and an OUT/stage.json, the run's recorded configs, shards and DeepSpeed config are the
-    starting point: what is passed besides them is checked against them (`resume_configs`)."""
+    starting point: what is passed besides them is checked against them (`resume_configs`).
+    init_from: an export (or pipeline) directory whose weights the model starts from, with a fresh
+    optimizer and schedule (`train/init_from.py`); with `resume`, the run's own newest checkpoint
+    wins when there is one. threads: torch's CPU threads (None: the `dalle_ar.threads` policy)."""
+    set_threads(threads)
     overrides = list(overrides)
     for name, value in (("steps", steps), ("batch_size", batch_size), ("save_every", save_every)):
         if value is not None:
@@ -458,10 +465,18 @@ def run_stage(stage: str, train_shards, out, *, val_shards=None, config_file=Non
         print(f"[{stage}] {text}", flush=True)
     engine.seed_everything(st.train_cfg.seed)  # initial weights follow train.seed
     built = st.build()
+    init = None
+    if init_from is not None:
+        if resume and engine.latest_checkpoint(out / "checkpoints") is not None:
+            log.info("--init-from %s ignored: resuming %s from its own checkpoint", init_from, out)
+        else:
+            init = init_from_export(stage, built.model, st.model_cfg, init_from)
     out.mkdir(parents=True, exist_ok=True)
     if engine.is_rank0():
         write_json(out / STAGE_FILE, {"stage": stage, "train_shards": train_shards, "val_shards": val_shards,
-                                      "deepspeed_config": ds_config, "ds_overrides": ds_over, "config": st.record()})
+                                      "deepspeed_config": ds_config, "ds_overrides": ds_over, "config": st.record(),
+                                      **({"init_from": init["init_from"]} if init else
+                                         {"init_from": meta["init_from"]} if meta and "init_from" in meta else {})})
     result = engine.train(built.model, built.loss_fn, built.make_batches, st.train_cfg, out,
                           ds_config=engine.load_ds_config(ds_config, ds_over), hooks=built.hooks, resume=resume)
     if result.get("export_dir") and engine.is_rank0():

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .common import add_threads_argument
+
 DESCRIPTION = ("Reranked batch generation: for each prompt of a prompts file (one a line), sample N candidates, "
                "keep the k best by CLIP score and write images/, prompts.jsonl and grid.png into OUT "
                "(a partly written OUT resumes).")
@@ -42,8 +44,18 @@ def add_parser(subparsers) -> None:
     p.add_argument("--consensus", type=float, default=None,
                    help="weight of the candidates' agreement in the ranking (0: CLIP score alone); "
                         "default: the pipeline's (1.0)")
+    p.add_argument("--negative-prompt", default=None,
+                   help="guidance's unconditional branch reads this caption instead of the null one "
+                        "(needs --guidance-scale != 1)")
+    p.add_argument("--init-image", default=None, metavar="PATH",
+                   help="image completion: keep the first --keep-rows rows of this image's codes for every "
+                        "prompt and sample the rest (any mode; a square image is resized to the model's size)")
+    p.add_argument("--keep-rows", type=int, default=None, metavar="R",
+                   help="rows of codes kept from --init-image, 1 .. grid-1 (default: half)")
     p.add_argument("--clip", default=None, help="a local CLIP directory to rerank with instead of the model's")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="the prior's dtype: fp32, bf16 or fp16 (GPUs; default: as saved)")
+    add_threads_argument(p)
     p.set_defaults(func=_generate)
 
 
@@ -52,10 +64,15 @@ def add_parser(subparsers) -> None:
 def _generate(args) -> int:
     from dalle_ar.generate import generate
 
+    if args.keep_rows is not None and args.init_image is None:
+        raise ValueError("--keep-rows needs --init-image")
     summary = generate(args.model, args.prompts, args.out, device=args.device, clip=args.clip,
+                       torch_dtype=args.dtype, num_threads=args.threads,
                        candidates=args.candidates, keep=args.keep, seed=args.seed, batch_size=args.batch_size,
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                       guidance_scale=args.guidance_scale, consensus=args.consensus)
+                       guidance_scale=args.guidance_scale, consensus=args.consensus,
+                       negative_prompt=args.negative_prompt, init_image=args.init_image,
+                       keep_rows=args.keep_rows)
     print(json.dumps(summary, indent=2))
     print(f"grid: {summary['grid']}\nprompts.jsonl: {summary['jsonl']}")
     return 0

@@ -4,7 +4,7 @@ The same contract for every stage (users and cluster scripts rely on it):
 
     dalle-ar train STAGE --train-shards PATTERN [--val-shards PATTERN] --out DIR
         [--config FILE.json] [--deepspeed-config FILE.json] [--steps N] [--batch-size B]
-        [--save-every N] [--resume] [key=value ...]
+        [--save-every N] [--resume] [--init-from EXPORT_DIR] [--threads N] [key=value ...]
 
 The entry scripts train/train_{dvae,dalle,clip}.py run the same code under `deepspeed` or `torchrun`.
 """
@@ -16,7 +16,7 @@ import json
 
 from dalle_ar.train import STAGE_NAMES
 
-from .common import parse_args, split_shards, use_formatter
+from .common import add_threads_argument, parse_args, split_shards, use_formatter
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -37,6 +37,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest complete checkpoint with the run's recorded config (stage.json); "
                         "only steps, save/log/eval cadence and paths may change")
+    p.add_argument("--init-from", default=None, metavar="EXPORT_DIR",
+                   help="start from these exported weights (an export/ or a pipeline directory) with a fresh "
+                        "optimizer and schedule: fine-tuning; the model config must match (docs/training.md)")
+    add_threads_argument(p)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="override a config field: model.dim=256, train.lr=3e-4, ds.zero_optimization.stage=3")
@@ -115,7 +119,8 @@ def _train(args) -> int:
 
     result = run_stage(args.stage, split_shards(args.train_shards), args.out, val_shards=split_shards(args.val_shards),
                        config_file=args.config, ds_config=args.deepspeed_config, overrides=args.overrides,
-                       steps=args.steps, batch_size=args.batch_size, save_every=args.save_every, resume=args.resume)
+                       steps=args.steps, batch_size=args.batch_size, save_every=args.save_every, resume=args.resume,
+                       init_from=args.init_from, threads=args.threads)
     print(json.dumps(result, indent=2, default=str))
     return 0
 
