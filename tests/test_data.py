@@ -164,6 +164,18 @@ def test_bad_data_is_skipped_and_counted(tmp_path, caplog):
     assert "skipping bad data" in caplog.text
 
 
+def test_images_smaller_than_image_size_are_counted_and_warned(tmp_path, caplog):
+    """Issue 22, item 7: an upscaled image is kept (not skipped) but counted, with a warning per epoch."""
+    samples = [{"key": f"s{i}", "captions": "x", "image": Image.new("RGB", (size, size))}
+               for i, size in enumerate((8, 32, 12, 40))]
+    write_samples(samples, tmp_path, prefix="mixed")
+    loader = ShardLoader(str(tmp_path), batch_size=2, image_size=16, shuffle_buffer=0, shardshuffle=False)
+    with caplog.at_level("WARNING"):
+        assert sum(len(b["key"]) for b in loader) == 4
+    assert loader.upscaled == 2 and loader.skipped == {}
+    assert "2 images were smaller than image_size=16" in caplog.text
+
+
 def test_preprocess_handles_every_mode():
     rgba = Image.new("RGBA", (40, 20), (255, 0, 0, 0))  # fully transparent -> white
     assert torch.allclose(preprocess_image(rgba, 16), torch.ones(3, 16, 16))
@@ -208,7 +220,7 @@ def test_cli_folder_and_csv_writers(tmp_path, capsys):
     (src / "broken.txt").write_text("broken")
     out = tmp_path / "folder-shards"
     assert cli_main(["data", "folder", str(src), "--out", str(out), "--shard-size", "1", "--resize", "40"]) == 0
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "photos-summary.json").read_text())
     assert summary == json.loads(capsys.readouterr().out)
     assert summary["written"] == 2 and summary["skipped"] == {"caption: missing": 1, "image: unreadable": 1}
     samples = {s["key"]: s for s in iter_raw_samples(str(out))}
@@ -221,11 +233,36 @@ def test_cli_folder_and_csv_writers(tmp_path, capsys):
                      [str(src / "sub" / "b.jpg"), "absolute"], ["photos/gone.png", "missing file"]])
     out = tmp_path / "csv-shards"
     assert cli_main(["data", "csv", str(tmp_path / "list.csv"), "--out", str(out)]) == 0
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "list-summary.json").read_text())
     assert summary["written"] == 2 and summary["skipped"] == {"image: missing file": 1}
     batch = next(iter(ShardLoader(str(out), batch_size=2, image_size=8, shuffle_buffer=0, shardshuffle=False)))
     assert batch["caption"][0] in ("first", "second") and batch["caption"][1] == "absolute"
     assert cli_main(["data", "csv", str(tmp_path / "nope.csv"), "--out", str(out)]) == 2
+
+
+def test_a_second_writer_never_overwrites_another_sources_shards(tmp_path, capsys):
+    """Issue 22, item 4: one summary per prefix; the same prefix from another source is refused by name
+    (exit 2) and leaves the shards as they were, unless --overwrite; re-writing from the same source is fine."""
+    for name, colour in (("a", "blue"), ("b", "red")):
+        (tmp_path / name).mkdir()
+        Image.new("RGB", (16, 16), colour).save(tmp_path / name / "x.png")
+        (tmp_path / name / "x.txt").write_text(f"a {colour} picture")
+    out = tmp_path / "shards"
+    folder = ["data", "folder", str(tmp_path / "a"), "--out", str(out), "--prefix", "train"]
+    assert cli_main(folder) == 0
+    assert cli_main(folder) == 0  # the same source again: replaced, no complaint
+    before = (out / "train-000000.tar").read_bytes()
+    other = ["data", "folder", str(tmp_path / "b"), "--out", str(out), "--prefix", "train"]
+    capsys.readouterr()
+    assert cli_main(other) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dalle-ar data: error:") and "--overwrite" in err and str(tmp_path / "a") in err
+    assert (out / "train-000000.tar").read_bytes() == before
+    assert cli_main([*other, "--prefix", "val"]) == 0  # another prefix: both kept, each with its summary
+    assert {p.name for p in out.iterdir()} == {"train-000000.tar", "train-summary.json", "val-000000.tar",
+                                               "val-summary.json"}
+    assert cli_main([*other, "--overwrite"]) == 0
+    assert json.loads((out / "train-summary.json").read_text())["source"] == f"folder {tmp_path / 'b'}"
 
 
 def test_digits(tmp_path):

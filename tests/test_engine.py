@@ -127,6 +127,23 @@ def test_interrupted_checkpoint_is_not_latest(tmp_path):
     assert fresh["start_step"] == 0 and fresh["steps"] == 2
 
 
+def test_a_short_run_shortens_a_longer_warmup_and_says_so(tmp_path, capsys):
+    """Issue 22, item 3: warm-up >= steps never reaches the LR (the dVAE default 100 on a 20-step run):
+    the engine shortens it to a tenth of the run (or of the shortest restart phase) and warns; longer
+    runs are untouched."""
+    fitted, warnings = engine.fit_to_run(toy_cfg(steps=20, warmup=100, lr=1.0, min_lr=0.1))
+    assert fitted.warmup == 2 and "train.warmup=100 >= the run's 20 steps" in warnings[0]
+    assert max(lr_at(s, fitted) for s in range(20)) == 1.0  # the configured LR is reached
+    fitted, warnings = engine.fit_to_run(toy_cfg(steps=100, warmup=30, restart_at=80))
+    assert fitted.warmup == 2 and "restart_at" in warnings[0]  # the 20-step decoder-only phase
+    same = toy_cfg(steps=100, warmup=10)
+    assert engine.fit_to_run(same) == (same, [])
+    capsys.readouterr()
+    summary, _, _ = run_toy(tmp_path / "short", steps=4, warmup=100)
+    assert summary["steps"] == 4
+    assert "[engine] WARNING: train.warmup=100 >= the run's 4 steps" in capsys.readouterr().out
+
+
 def test_lr_schedules():
     cos = toy_cfg(steps=100, warmup=10, lr=1.0, min_lr=0.1)
     lrs = [lr_at(s, cos) for s in range(100)]

@@ -35,7 +35,7 @@ def run(tmp_path_factory):
     tok = TextTokenizer.train(read_captions(train), vocab_size=96, min_frequency=1)
     tok.save_pretrained(root / "tokenizer")
     result = run_stage("dvae", train, root / "dvae", val_shards=val, config_file=config_path("dvae-shapes.json"),
-                       overrides=[*TINY["dvae"], *COMMON])
+                       overrides=[*TINY["dvae"], *COMMON, "train.eval_every=2"])
     return {"root": root, "train": train, "val": val, "dvae_result": result}
 
 
@@ -49,6 +49,26 @@ def test_dvae_stage_exports_checkpoints_samples_and_metrics(run):
     assert metrics["val_images"] == 16 and metrics["val_psnr"] > 0
     stage = json.loads((d / "stage.json").read_text())
     assert stage["config"]["model"]["vocab_size"] == 32
+
+
+def scalars(run_dir) -> dict:
+    """{tag: [(step, value), ...]} from a run's TensorBoard event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tb"))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}, acc.Tags()["images"]
+
+
+def test_validation_curves_every_eval_every_steps(run):
+    """Issue 22, item 5: train.eval_every=2 evaluates the val shards at steps 2 and 3 (the last) through the
+    engine's on_eval hook and logs val/* to TensorBoard, beside the sample grids."""
+    found, images = scalars(run["root"] / "dvae")
+    assert [s for s, _ in found["val/psnr"]] == [2, 3] and all(v > 0 for _, v in found["val/psnr"])
+    assert [s for s, _ in found["val/codebook_used_fraction"]] == [2, 3]
+    assert "dvae/originals_vs_reconstructions" in images
+    final = json.loads((run["root"] / "dvae" / "metrics.json").read_text())
+    assert found["val/psnr"][-1][1] == pytest.approx(final["val_psnr"], rel=1e-5)  # the same model, the same data
 
 
 def test_encode_gives_the_codes_of_the_dvae(run):
@@ -95,7 +115,7 @@ def test_clip_and_dalle_stages_then_pipeline(run, tmp_path):
     assert len(res.images) == 2 and res.images[0].size == (64, 64)
 
 
-def test_train_cli_on_raw_shards_then_resume_and_export(run, tmp_path):
+def test_train_cli_on_raw_shards_then_resume_and_export(run, tmp_path, capsys):
     """`dalle-ar train dalle` encodes raw shards on the fly; --resume continues; export reproduces it."""
     from safetensors.torch import load_file
 
@@ -106,8 +126,23 @@ def test_train_cli_on_raw_shards_then_resume_and_export(run, tmp_path):
             *TINY["dalle"], "train.warmup=1", "data.sample_count=2",
             f"data.tokenizer={root / 'tokenizer'}", f"data.dvae={root / 'dvae' / 'export'}"]
     assert cli_main([*args, "--steps", "2"]) == 0
-    assert cli_main([*args, "--steps", "4", "--resume"]) == 0
-    assert json.loads((out / "stage.json").read_text())["config"]["train"]["steps"] == 4
+    assert cli_main([*args, "--steps", "3", "--resume"]) == 0  # the whole command again: still fine
+    # Issue 22, item 1: a resume reads the run's stage.json; only what may change is accepted, the rest is
+    # refused by name (exit 2) before anything is loaded or written.
+    stage_json = (out / "stage.json").read_bytes()
+    for extra, named in ((["model.dim=64"], "model.dim=64 (the run has 32)"), (["train.lr=0.1"], "train.lr=0.1"),
+                         (["--batch-size", "4"], "train.batch_size=4"), (["--config", "dalle-digits"], "model.")):
+        capsys.readouterr()
+        assert cli_main(["train", "dalle", "--out", str(out), "--resume", *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("dalle-ar train: error: --resume:") and named in err and "Traceback" not in err, err
+    assert cli_main(["train", "dvae", "--out", str(out), "--resume"]) == 2
+    assert "records a dalle run, not dvae" in capsys.readouterr().err
+    assert (out / "stage.json").read_bytes() == stage_json
+    assert cli_main(["train", "dalle", "--out", str(out), "--resume", "--steps", "4", "train.log_every=1"]) == 0
+    stage = json.loads((out / "stage.json").read_text())
+    assert stage["config"]["train"]["steps"] == 4 and stage["train_shards"] == run["train"]
+    assert stage["config"]["data"]["tokenizer"] == str(root / "tokenizer")
     assert cli_main(["export", str(out), "--out", str(tmp_path / "again")]) == 0
     a = load_file(out / "export" / "model.safetensors")
     b = load_file(tmp_path / "again" / "model.safetensors")

@@ -202,6 +202,10 @@ def test_cli_train(shard, tmp_path, capsys):
     txt.write_text("\n".join(captions()))
     assert main(["tokenizer", "train", "--files", str(txt), "--vocab-size", "100", "--out", str(tmp_path / "t2")]) == 0
     assert main(["tokenizer", "train", "--files", str(txt), "--vocab-size", "1", "--out", str(tmp_path / "t3")]) == 2
+    capsys.readouterr()
+    assert main(["tokenizer", "train", "--files", str(txt), "--vocab-size", "16384", "--out", str(tmp_path / "t4")]) == 0
+    got = TextTokenizer.from_pretrained(tmp_path / "t4").vocab_size
+    assert got < 16384 and f"asked for --vocab-size 16384, but the captions only give {got}" in capsys.readouterr().err
 
 
 def test_training_is_reproducible_across_processes(tmp_path):

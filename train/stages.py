@@ -18,7 +18,9 @@ The stage contract (adding a stage = one class + one line in STAGES):
         everything the engine needs, together; `export(dir)` adds what besides config.json +
         model.safetensors the export needs.
     eval_batch(model, batch) -> ({metric: batch mean}, batch size), plus optional eval_loader_kwargs()
-        and eval_summary(): one shared evaluation loop (`evaluate`) runs them over the val shards.
+        and eval_summary(): one shared evaluation loop (`evaluate`) runs them over the val shards, every
+        train.eval_every steps through the engine's on_eval hook (TensorBoard val/*) and at the end
+        (metrics.json).
     on_checkpoint(step, model, writer): sample grids (PNG + TensorBoard).
 """
 
@@ -41,10 +43,10 @@ from dalle_ar.data import ShardLoader, expand_shards, iter_raw_samples, preproce
 from dalle_ar.dvae import DiscreteVAE, DVAEConfig, codebook_usage, psnr
 from dalle_ar.images import image_grid, to_pil
 from dalle_ar.io import config_from_dict, load_config, write_json
+from dalle_ar.threads import set_threads
 from dalle_ar.tokenizer import TextTokenizer
 
-from dalle_ar.threads import set_threads
-
+from . import find_config
 from .init_from import init_from_export
 from .stage_config import CLIPDataConfig, DALLEDataConfig, DataConfig, route_overrides
 
@@ -61,16 +63,16 @@ def _stage_class(stage: str) -> type["Stage"]:
     return STAGES[stage]
 
 
-def load_stage_config(stage: str, config_file=None, overrides=()):
-    """-> (model config, TrainConfig, data config, DeepSpeed overrides as a list of `key=value`)."""
+def load_stage_config(stage: str, config_file=None, overrides=(), base=None):
+    """-> (model config, TrainConfig, data config, DeepSpeed overrides as a list of `key=value`).
+    `base` ({section: dict}, a resumed run's record) is what the file's sections and overrides go over."""
     cls = _stage_class(stage)
     classes = {"model": cls.model_config_cls, "train": engine.TrainConfig, "data": cls.data_config_cls}
     raw = {}
     if config_file:
-        if not Path(config_file).is_file():
-            raise FileNotFoundError(f"config file {config_file} not found")
+        config_file = find_config(config_file)
         try:
-            raw = json.loads(Path(config_file).read_text())
+            raw = json.loads(config_file.read_text())
         except ValueError as e:
             raise ValueError(f"config file {config_file}: invalid JSON ({e})") from None
         if not isinstance(raw, dict):
@@ -80,8 +82,8 @@ def load_stage_config(stage: str, config_file=None, overrides=()):
         raise ValueError(f"config {config_file}: unknown section(s) {sorted(unknown)}; use model/train/data")
     routed = route_overrides(list(overrides), {name: {f.name for f in dataclasses.fields(c)}
                                                for name, c in classes.items()})
-    configs = [engine.apply_overrides(config_from_dict(c, raw.get(name, {})), routed[name])
-               for name, c in classes.items()]
+    configs = [engine.apply_overrides(config_from_dict(c, {**(base or {}).get(name, {}), **raw.get(name, {})}),
+                                      routed[name]) for name, c in classes.items()]
     return (*configs, routed["ds"])
 
 
@@ -119,6 +121,8 @@ class Stage:
     """One trainer: see the module docstring for the contract."""
 
     name = ""
+    summary = ""                       # one line for `dalle-ar train --help`
+    needs: dict = {}                   # config keys the stage cannot run without -> what they are
     model_config_cls: type = object
     data_config_cls: type = DataConfig
 
@@ -134,6 +138,16 @@ class Stage:
     def resolve(cls, model_cfg, train_cfg, data_cfg):
         return model_cfg, train_cfg, data_cfg
 
+    @classmethod
+    def check_needs(cls, data_cfg) -> None:
+        missing = [k for k in cls.needs if not getattr(data_cfg, k.split(".", 1)[1])]
+        if missing:
+            raise ValueError(f"the {cls.name} stage needs " + "; ".join(f"{k}=DIR ({cls.needs[k]})" for k in missing))
+
+    def warnings(self) -> list[str]:
+        """What a user should know before the run starts (e.g. model schedules longer than the run)."""
+        return []
+
     def record(self) -> dict:
         """The resolved configs, as stage.json keeps them."""
         return {"model": dataclasses.asdict(self.model_cfg), "train": dataclasses.asdict(self.train_cfg),
@@ -142,7 +156,7 @@ class Stage:
     def build(self) -> Built:
         model = self.build_model()
         return Built(model, self.loss_fn, self.make_batches,
-                     {"on_checkpoint": self.on_checkpoint, "skipped_counts": self.skipped_counts},
+                     {"on_checkpoint": self.on_checkpoint, "on_eval": self.on_eval, "skipped_counts": self.skipped_counts},
                      self.finish_export)
 
     # subclasses: build_model, loss_fn, eval_batch, on_checkpoint
@@ -206,6 +220,16 @@ class Stage:
     def eval_summary(self, n: int) -> dict:
         return {}
 
+    def on_eval(self, step, model, writer) -> dict:
+        """The engine's periodic validation (train.eval_every): the metrics, and the sample grid unless this
+        step's checkpoint already drew it. Every rank reads all val batches, so ZeRO-3 ranks stay in step."""
+        if not self.val_shards:
+            return {}
+        metrics = self.evaluate(model)
+        if not (self.train_cfg.save_every and step % self.train_cfg.save_every == 0) and step != self.train_cfg.steps:
+            self.on_checkpoint(step, model, writer)
+        return metrics
+
     @torch.no_grad()
     def evaluate(self, model) -> dict:
         """Size-weighted means of eval_batch over the val shards, as val_<metric> (+ eval_summary)."""
@@ -213,7 +237,8 @@ class Stage:
             return {}
         model.eval()
         sums, n = {}, 0
-        for batch in self.make_loader(self.val_shards, training=False, num_workers=0, **self.eval_loader_kwargs()):
+        for batch in self.make_loader(self.val_shards, training=False, num_workers=0, split_by_rank=False,
+                                      **self.eval_loader_kwargs()):
             metrics, size = self.eval_batch(model, batch)
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * size
@@ -225,6 +250,7 @@ class Stage:
 
 class DVAEStage(Stage):
     name = "dvae"
+    summary = "the image tokenizer (discrete VAE) on image shards"
     model_config_cls = DVAEConfig
 
     @classmethod
@@ -234,6 +260,18 @@ class DVAEStage(Stage):
         if hard and not train_cfg.restart_at:
             train_cfg = dataclasses.replace(train_cfg, restart_at=hard)
         return model_cfg, train_cfg, dataclasses.replace(data_cfg, image_size=model_cfg.image_size)
+
+    def warnings(self):
+        """The dVAE's own schedules count steps too: on a run shorter than them, say what will not happen."""
+        m, steps = self.model_cfg, self.train_cfg.steps
+        what = {"kl_warmup_steps": "the KL weight never reaches model.kl_weight",
+                "temp_anneal_steps": "the Gumbel temperature never reaches model.temp_end",
+                "hard_codes_from_step": "the decoder-only phase on hard codes never starts"}
+        value = {k: getattr(m, k) or 0 for k in what}  # hard_codes_from_step may be None (no such phase)
+        longest = max(value.values())  # suggestions keep the proportions, the longest at 80% of the run
+        return [f"WARNING: model.{k}={value[k]} >= train.steps={steps}: {text}; scale it to the run "
+                f"(e.g. model.{k}={max(1, steps // 10, value[k] * steps * 4 // (5 * longest))})"
+                for k, text in what.items() if value[k] >= steps > 0 and value[k]]
 
     def build_model(self):
         self.val_codes = []  # every val batch's codes, for codebook usage
@@ -265,14 +303,16 @@ class DVAEStage(Stage):
 
 class DALLEStage(Stage):
     name = "dalle"
+    summary = "the prior (transformer) on image or code shards, with a trained tokenizer and dVAE"
+    needs = {"data.tokenizer": "a trained tokenizer directory (dalle-ar tokenizer train --out)",
+             "data.dvae": "a trained dVAE directory (RUN/export of `train dvae`, or `convert openai-dvae`)"}
     model_config_cls = DALLEConfig
     data_config_cls = DALLEDataConfig
 
     @classmethod
     def resolve(cls, model_cfg, train_cfg, data_cfg):
         """The model's vocabularies and grid follow the tokenizer and the dVAE unless set."""
-        if not data_cfg.tokenizer or not data_cfg.dvae:
-            raise ValueError("the dalle stage needs data.tokenizer and data.dvae (paths to trained ones)")
+        cls.check_needs(data_cfg)
         text_vocab = TextTokenizer.from_pretrained(data_cfg.tokenizer).vocab_size
         dvae = load_config(data_cfg.dvae, DVAEConfig)
         fill = {k: v for k, v in (("text_vocab_size", text_vocab), ("image_vocab_size", dvae.vocab_size),
@@ -336,13 +376,14 @@ class DALLEStage(Stage):
 
 class CLIPStage(Stage):
     name = "clip"
+    summary = "the reranker (a small CLIP) on image shards, with a trained tokenizer"
+    needs = {"data.tokenizer": "a trained tokenizer directory (dalle-ar tokenizer train --out)"}
     model_config_cls = SmallCLIPConfig
     data_config_cls = CLIPDataConfig
 
     @classmethod
     def resolve(cls, model_cfg, train_cfg, data_cfg):
-        if not data_cfg.tokenizer:
-            raise ValueError("the clip stage needs data.tokenizer (a trained tokenizer directory)")
+        cls.check_needs(data_cfg)
         return model_cfg, train_cfg, data_cfg
 
     def build_model(self):
@@ -372,6 +413,26 @@ class CLIPStage(Stage):
 STAGES = {"dvae": DVAEStage, "dalle": DALLEStage, "clip": CLIPStage}
 
 
+def describe_stage(stage: str) -> str:
+    """What `dalle-ar train STAGE --help` adds to the options: what the stage needs, the shipped configs
+    for it, and every config key with its default (the `key=value` overrides and `--config` sections)."""
+    from . import shipped_configs
+
+    cls = _stage_class(stage)
+    lines = [f"the {stage} stage: {cls.summary}", "", "needs: --train-shards and --out"
+             + "".join(f"; {k}=DIR: {what}" for k, what in cls.needs.items())]
+    shipped = [n for n in shipped_configs() if n.startswith(f"{stage}-")]
+    if shipped:
+        lines.append(f"shipped configs (--config NAME; `dalle-ar configs --show NAME`): {', '.join(shipped)}")
+    lines += ["", "config keys and their defaults (set them in --config's sections or as key=value):"]
+    for section, c in (("model", cls.model_config_cls), ("train", engine.TrainConfig), ("data", cls.data_config_cls)):
+        lines.append(f"  {section} ({c.__name__}):")
+        for f in dataclasses.fields(c):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"    {section}.{f.name} = {json.dumps(default, default=str)}")
+    return "\n".join(lines)
+
+
 # ---- running and exporting -------------------------------------------------------------------------
 
 def check_shards(shards, option: str) -> None:
@@ -386,11 +447,20 @@ def check_shards(shards, option: str) -> None:
         raise ValueError(f"{option}: {len(missing)} of {len(urls)} shard(s) not found, e.g. {missing[:3]}")
 
 
+# What a `--resume` may change: how long, how often to save/log/evaluate, what the sample grids show. The rest
+# (model, optimiser, schedule shape, batch, data order) is the run's, recorded in its stage.json.
+RESUME_MAY_CHANGE = ("train.steps", "train.save_every", "train.keep_last", "train.log_every", "train.eval_every",
+                     "train.progress", "train.tensorboard", "train.export", "train.max_nonfinite",
+                     "data.sample_count", "data.sample_prompts", "data.tokenizer", "data.dvae")
+
+
 def run_stage(stage: str, train_shards, out, *, val_shards=None, config_file=None, ds_config=None,
               overrides=(), steps=None, batch_size=None, save_every=None, resume=False, init_from=None,
               threads=None) -> dict:
     """Train one stage through the shared engine, export it to OUT/export, evaluate; returns a summary.
 
+    With `resume` and an OUT/stage.json, the run's recorded configs, shards and DeepSpeed config are the
+    starting point: what is passed besides them is checked against them (`resume_configs`).
     init_from: an export (or pipeline) directory whose weights the model starts from, with a fresh
     optimizer and schedule (`train/init_from.py`); with `resume`, the run's own newest checkpoint
     wins when there is one. threads: torch's CPU threads (None: the `dalle_ar.threads` policy)."""
@@ -399,14 +469,25 @@ def run_stage(stage: str, train_shards, out, *, val_shards=None, config_file=Non
     for name, value in (("steps", steps), ("batch_size", batch_size), ("save_every", save_every)):
         if value is not None:
             overrides.append(f"train.{name}={value}")
-    model_cfg, train_cfg, data_cfg, ds_over = load_stage_config(stage, config_file, overrides)
-    check_shards(train_shards, "--train-shards")  # every input checked before the first step
-    if val_shards:
-        check_shards(val_shards, "--val-shards")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a run folder")
-    st = STAGES[stage](model_cfg, train_cfg, data_cfg, train_shards, val_shards, out)
+    meta = json.loads((out / STAGE_FILE).read_text()) if resume and (out / STAGE_FILE).is_file() else None
+    if meta is not None:
+        (model_cfg, train_cfg, data_cfg, ds_over), train_shards, val_shards, ds_config = resume_configs(
+            stage, meta, out, config_file, overrides, train_shards, val_shards, ds_config)
+        resolved = True
+    else:
+        if not train_shards:
+            raise ValueError("--train-shards is required (or --resume a run whose stage.json records them)")
+        model_cfg, train_cfg, data_cfg, ds_over = load_stage_config(stage, config_file, overrides)
+        ds_config, resolved = str(find_config(ds_config).resolve()) if ds_config else None, False
+    check_shards(train_shards, "--train-shards")  # every input checked before the first step
+    if val_shards:
+        check_shards(val_shards, "--val-shards")
+    st = STAGES[stage](model_cfg, train_cfg, data_cfg, train_shards, val_shards, out, resolved=resolved)
+    for text in st.warnings() if engine.is_rank0() else ():
+        print(f"[{stage}] {text}", flush=True)
     engine.seed_everything(st.train_cfg.seed)  # initial weights follow train.seed
     built = st.build()
     init = None
@@ -419,8 +500,11 @@ def run_stage(stage: str, train_shards, out, *, val_shards=None, config_file=Non
 
     def on_start(step):  # only once the engine accepted the run: a refused one leaves the old stage.json
         if engine.is_rank0():
-            write_json(out / STAGE_FILE, {"stage": stage, "train_shards": train_shards, "val_shards": val_shards,
-                                          "config": st.record(), **({"init_from": init["init_from"]} if init else {})})
+            write_json(out / STAGE_FILE, {
+                "stage": stage, "train_shards": train_shards, "val_shards": val_shards,
+                "deepspeed_config": ds_config, "ds_overrides": ds_over, "config": st.record(),
+                **({"init_from": init["init_from"]} if init else
+                   {"init_from": meta["init_from"]} if meta and "init_from" in meta else {})})
 
     result = engine.train(built.model, built.loss_fn, built.make_batches, st.train_cfg, out,
                           ds_config=engine.load_ds_config(ds_config, ds_over),
@@ -432,6 +516,39 @@ def run_stage(stage: str, train_shards, out, *, val_shards=None, config_file=Non
             write_json(out / "metrics.json", metrics)
             result["metrics"] = metrics
     return result
+
+
+def resume_configs(stage: str, meta: dict, out, config_file, overrides, train_shards, val_shards, ds_config):
+    """The configs of a resumed run: its stage.json, with `config_file` and `overrides` applied on top and
+    resolved again; a value that differs from the recorded one is accepted only for RESUME_MAY_CHANGE
+    keys, else a ValueError names it. Shards not given are the recorded ones (given ones may differ);
+    the DeepSpeed config must be the recorded one. Returns ((model, train, data, ds overrides),
+    train_shards, val_shards, ds_config)."""
+    where = Path(out) / STAGE_FILE
+    if meta.get("stage") != stage:
+        raise ValueError(f"--resume: {where} records a {meta.get('stage')} run, not {stage}")
+    cls, rec = _stage_class(stage), meta["config"]
+    classes = {"model": cls.model_config_cls, "train": engine.TrainConfig, "data": cls.data_config_cls}
+    recorded = {name: _recorded(c, rec[name]) for name, c in classes.items()}
+    *asked, ds_over = load_stage_config(stage, config_file, overrides,
+                                        base={n: dataclasses.asdict(c) for n, c in recorded.items()})
+    asked = dict(zip(classes, cls.resolve(*asked)))
+    plain = lambda cfg: json.loads(json.dumps(dataclasses.asdict(cfg)))  # noqa: E731  (tuples vs lists)
+    refused = [f"{name}.{k}={json.dumps(v)} (the run has {json.dumps(plain(recorded[name])[k])})"
+               for name in classes for k, v in plain(asked[name]).items()
+               if v != plain(recorded[name])[k] and f"{name}.{k}" not in RESUME_MAY_CHANGE]
+    then_ds, then_over = meta.get("deepspeed_config"), meta.get("ds_overrides") or []
+    now_ds = str(find_config(ds_config).resolve()) if ds_config else then_ds
+    if "deepspeed_config" in meta and now_ds != then_ds:  # (runs recorded before it was recorded: any)
+        refused.append(f"--deepspeed-config {ds_config} (the run has {then_ds})")
+    if ds_over and ds_over != then_over:
+        refused.append(f"ds overrides {ds_over} (the run has {then_over})")
+    if refused:
+        raise ValueError(f"--resume: {where} records another setting for {'; '.join(refused)}. A resume may change "
+                         f"only {', '.join(RESUME_MAY_CHANGE)} and the shard paths: drop the others to continue the "
+                         f"run, or train into a new --out")
+    return ((asked["model"], asked["train"], asked["data"], then_over),
+            train_shards or meta["train_shards"], val_shards or meta.get("val_shards"), now_ds)
 
 
 def _recorded(cls: type, d: dict):

@@ -5,6 +5,7 @@ One module per command group, each with `add_parser(subparsers)`:
     data.py       dalle-ar data {shapes,digits,folder,csv}
     tokenizer.py  dalle-ar tokenizer train
     train.py      dalle-ar train {dvae,dalle,clip}, export, encode (and train/train_<stage>.py)
+    configs.py    dalle-ar configs (list, show, copy the shipped configs)
     convert.py    dalle-ar convert openai-dvae
     generate.py   dalle-ar pipeline, dalle-ar generate
     demo.py       dalle-ar demo
@@ -17,11 +18,11 @@ so that `dalle-ar --help` stays light.
 import argparse
 import sys
 
-from . import convert, data, demo, generate, serve, tokenizer, train
-from .common import parse_args, run_command
+from . import configs, convert, data, demo, generate, serve, tokenizer, train
+from .common import parse_args, run_command, use_formatter
 
 # The command groups, in the order `dalle-ar --help` lists them.
-COMMANDS = [data, tokenizer, train, convert, generate, demo, serve]
+COMMANDS = [data, tokenizer, train, configs, convert, generate, demo, serve]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for group in COMMANDS:
         group.add_parser(sub)
+    use_formatter(parser)
     return parser
 
 

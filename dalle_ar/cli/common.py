@@ -1,5 +1,6 @@
-"""What the command modules share: argument parsing that lets `key=value` overrides follow options, and
-running a handler as a command (errors as `dalle-ar CMD: error: ...`, exit 2)."""
+"""What the command modules share: argument parsing that lets `key=value` overrides follow options,
+the help formatter that shows every option's default, and running a handler as a command (errors as
+`dalle-ar CMD: error: ...`, exit 2)."""
 
 import argparse
 import sys
@@ -21,6 +22,26 @@ def split_shards(text):
     if text is None:
         return None
     return [s for s in text.split(",") if s] if "," in text and "{" not in text else text
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions keep their line breaks; an option's help ends with its default where it has one."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("%(default)" not in text and action.default not in (None, False, argparse.SUPPRESS)
+                and action.option_strings and "default" not in text):
+            text += " (default: %(default)s)"
+        return text
+
+
+def use_formatter(parser: argparse.ArgumentParser) -> None:
+    """Give `parser` and every sub-parser below it the HelpFormatter."""
+    parser.formatter_class = HelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                use_formatter(sub)
 
 
 def positive_int(text: str) -> int:

@@ -9,10 +9,11 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("demo", help="train and sample the whole pipeline on a built-in set (CPU, no download)",
                               description=__doc__)
     p.add_argument("--out", required=True, help="demo folder (re-running resumes finished stages)")
-    p.add_argument("--data", choices=["shapes", "digits"], default="shapes")
+    p.add_argument("--data", choices=["shapes", "digits"], default="shapes",
+                   help="built-in set: procedural shapes, or scikit-learn's handwritten digits")
     p.add_argument("--budget", choices=sorted(BUDGET_NAMES), default="default",
                    help="default: ~15 min on 2 CPU cores; fast: ~2 min smoke run")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the data and of every stage")
     p.set_defaults(func=_demo)
 
 

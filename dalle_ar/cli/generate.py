@@ -32,11 +32,13 @@ def add_parser(subparsers) -> None:
     p.add_argument("--candidates", type=int, default=16, help="images sampled per prompt (N)")
     p.add_argument("--keep", type=int, default=1, help="best images kept per prompt (k)")
     p.add_argument("--batch-size", type=int, default=16, help="candidates sampled at once")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed (the same seed samples the same images)")
     p.add_argument("--temperature", type=float, default=None,
                    help="sampling temperature (> 0); default: the model's recommended value")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None,
+                   help="sample among the k likeliest codes at each step (default: the model's; none: all)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="sample among the likeliest codes whose probabilities sum to p (default: the model's; none: all)")
     p.add_argument("--guidance-scale", type=float, default=None,
                    help="classifier-free guidance (1 = off); default: the model's recommended value")
     p.add_argument("--consensus", type=float, default=None,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("tokenizer", help="text tokenizer (BPE) tools")
@@ -27,6 +29,11 @@ def _train(args) -> int:
     tok = TextTokenizer.train(read_captions(args.shards or args.files, stats), vocab_size=args.vocab_size,
                               min_frequency=args.min_frequency, dropout=args.bpe_dropout)
     tok.save_pretrained(args.out)
+    if tok.vocab_size < args.vocab_size:
+        print(f"dalle-ar tokenizer: warning: asked for --vocab-size {args.vocab_size}, but the captions only give "
+              f"{tok.vocab_size} tokens (every merge seen at least --min-frequency={args.min_frequency} times): "
+              f"the corpus is small; the prior's text vocabulary follows the tokenizer ({tok.vocab_size})",
+              file=sys.stderr)
     skipped = f", skipped {stats}" if any(stats.values()) else ""
     print(f"tokenizer: vocab {tok.vocab_size} (pad id {tok.pad_id}) -> {args.out}{skipped}")
     return 0

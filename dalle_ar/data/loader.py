@@ -31,6 +31,7 @@ from .shards import (BadSample, CountingHandler, count, decode_captions, decode_
 log = logging.getLogger(__name__)
 
 SKIPS = "__skipped__"  # private batch key carrying a worker's new skip counts to the main process
+UPSCALED = "upscaled"  # a count shipped with the skips, kept apart: images kept, but smaller than image_size
 
 
 def preprocess_image(image, size: int, random_crop: bool = False, rng: random.Random | None = None) -> torch.Tensor:
@@ -95,6 +96,8 @@ class _ShardStream(torch.utils.data.IterableDataset):
             if data is None:
                 raise BadSample("image: missing")
             image = decode_image(data)
+            if min(image.size) < o["image_size"]:
+                sample[UPSCALED] = True
             try:
                 sample["image"] = preprocess_image(image, o["image_size"], o["random_crop"], rng)
             except Exception as e:  # noqa: BLE001  (odd sizes/modes: a bad sample, never a crash)
@@ -118,6 +121,8 @@ class _ShardStream(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         o = self.o
         rank, world, worker, workers = pytorch_worker_info()  # RANK/WORLD_SIZE env or torch.distributed
+        if not o["split_by_rank"]:  # every rank reads everything (evaluation: the same batches on all ranks)
+            rank, world = 0, 1
         urls, sample_split = self._shard_urls(rank, world, worker, workers)
         skipped: dict[str, int] = {}  # this worker's counts this epoch
         shipped: dict[str, int] = {}  # the part already sent to the main process
@@ -145,6 +150,8 @@ class _ShardStream(torch.utils.data.IterableDataset):
                     count(skipped, e.args[0], f"{raw.get('__url__')}: {raw.get('__key__')}")
                     continue
                 dry["shards"] = 0
+                if sample.pop(UPSCALED, False):  # counted, not skipped: the main process warns once an epoch
+                    skipped[UPSCALED] = skipped.get(UPSCALED, 0) + 1
                 yield sample
 
         def new_skips() -> dict:
@@ -184,12 +191,14 @@ class ShardLoader:
     Each batch: "key" list[str], "caption" list[str] (one caption picked per sample), "image" float
     [B,3,S,S] in [0,1] (if decode_images), "text" Long [B,T] (if text_encoder), "codes" Long
     [B,h,w] (if the shards carry codes.npy). `text_encoder` must be picklable when num_workers > 0.
+    `split_by_rank=False`: every rank reads all shards (validation, where ranks must agree).
     """
 
     def __init__(self, shards, *, batch_size: int, image_size: int = 64, decode_images: bool = True,
                  text_encoder: Callable | None = None, num_workers: int = 0, shuffle_buffer: int = 1000,
                  shardshuffle: bool = True, seed: int = 0, resampled: bool = False,
-                 epoch_samples: int | None = None, random_crop: bool = False, drop_last: bool = True):
+                 epoch_samples: int | None = None, random_crop: bool = False, drop_last: bool = True,
+                 split_by_rank: bool = True):
         for name, value, low in (("batch_size", batch_size, 1), ("image_size", image_size, 1),
                                  ("num_workers", num_workers, 0), ("shuffle_buffer", shuffle_buffer, 0)):
             if not isinstance(value, int) or value < low:
@@ -201,8 +210,9 @@ class ShardLoader:
         self.dataset = _ShardStream(self.urls, dict(
             batch_size=batch_size, image_size=image_size, decode_images=decode_images, text_encoder=text_encoder,
             shuffle_buffer=shuffle_buffer, shardshuffle=bool(shardshuffle), seed=seed, resampled=resampled,
-            epoch_samples=epoch_samples, random_crop=random_crop, drop_last=drop_last))
+            epoch_samples=epoch_samples, random_crop=random_crop, drop_last=drop_last, split_by_rank=split_by_rank))
         self._skipped: dict[str, int] = {}
+        self.upscaled = 0  # images smaller than image_size (shorter side), upscaled to it; over all epochs
 
     @property
     def skipped(self) -> dict[str, int]:
@@ -215,12 +225,19 @@ class ShardLoader:
     def __iter__(self) -> Iterator[dict]:
         loader = torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
                                              worker_init_fn=_ignore_stop_signals if self.num_workers else None)
-        before = sum(self._skipped.values())
+        before, upscaled = sum(self._skipped.values()), self.upscaled
         for batch in loader:
             for reason, n in batch.pop(SKIPS, {}).items():
-                self._skipped[reason] = self._skipped.get(reason, 0) + n
+                if reason == UPSCALED:
+                    self.upscaled += n
+                else:
+                    self._skipped[reason] = self._skipped.get(reason, 0) + n
             if "key" in batch:
                 yield batch
+        if self.upscaled > upscaled:
+            log.warning("epoch %d: %d images were smaller than image_size=%d on their shorter side and were upscaled "
+                        "(blurry training images; write shards from larger originals or lower the image size)",
+                        self.dataset.epoch, self.upscaled - upscaled, self.dataset.o["image_size"])
         new = sum(self._skipped.values()) - before
         if new:
             log.warning("epoch %d: skipped %d bad samples/shards; totals so far: %s",

@@ -16,6 +16,8 @@ import numpy as np
 from PIL import Image
 from webdataset import TarWriter
 
+from dalle_ar.io import write_json
+
 from .shards import IMAGE_SUFFIXES, BadSample, count, decode_captions, to_rgb
 
 log = logging.getLogger(__name__)
@@ -127,15 +129,35 @@ class _AtomicShards:
             self.tar = None
 
 
+def summary_path(out, prefix: str) -> Path:
+    """Where a writer records what it wrote: `out/{prefix}-summary.json` (one per prefix, so writers
+    of other prefixes, e.g. a train and a val split, never overwrite each other's)."""
+    return Path(out) / f"{prefix}-summary.json"
+
+
+def _check_claim(out: Path, prefix: str, source: str | None, overwrite: bool) -> None:
+    """Refuse to replace `{prefix}-*.tar` shards that another source wrote (their summary names it)."""
+    existing = sorted(out.glob(f"{prefix}-[0-9][0-9][0-9][0-9][0-9][0-9].tar"))
+    if not existing or overwrite or source is None:  # library callers that name no source replace freely
+        return
+    path = summary_path(out, prefix)
+    theirs = json.loads(path.read_text()).get("source") if path.is_file() else "an unknown writer (no summary)"
+    if theirs != source:
+        raise ValueError(f"{out}/{prefix}-*.tar ({len(existing)} shard(s)) were written from {theirs}, not {source}: "
+                         f"pass --overwrite (overwrite=True) to replace them, or choose another --prefix or --out")
+
+
 def write_samples(samples: Iterable[dict], out, *, prefix: str, shard_size: int = 1000,
-                  resize: int | None = None) -> dict:
-    """Write sample dicts into `out/{prefix}-{i:06d}.tar` shards; return a summary dict.
+                  resize: int | None = None, source: str | None = None, overwrite: bool = False) -> dict:
+    """Write sample dicts into `out/{prefix}-{i:06d}.tar` shards and `out/{prefix}-summary.json`;
+    return the summary dict.
 
     Each sample: "key", "image" (PIL image or encoded bytes; optional if "codes" is given),
     "captions" (str or list[str]), optional "json" (dict) and "codes" (int array [h, w]).
     `resize` shrinks images whose longer side exceeds it. Unusable samples are skipped and
-    counted in summary["skipped"]; stale shards of an earlier, longer run with the same prefix
-    are removed.
+    counted in summary["skipped"]. Shards of this prefix that another `source` wrote are refused
+    (ValueError) unless `overwrite`; re-writing from the same source replaces them, and stale
+    shards of an earlier, longer run are removed.
     """
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
@@ -145,6 +167,7 @@ def write_samples(samples: Iterable[dict], out, *, prefix: str, shard_size: int 
         raise ValueError(f"prefix must be a non-empty file name prefix, got {prefix!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    _check_claim(out, prefix, source, overwrite)
     sink = _AtomicShards(out, prefix, shard_size)
     skipped: dict[str, int] = {}
     seen: set[str] = set()
@@ -171,8 +194,10 @@ def write_samples(samples: Iterable[dict], out, *, prefix: str, shard_size: int 
         if m and int(m.group(1)) >= len(sink.names):
             log.info("removing stale shard %s", stale)
             stale.unlink()
-    return {"out": str(out), "prefix": prefix, "written": written, "shards": len(sink.names),
-            "files": sink.names, "skipped": skipped}
+    summary = {"out": str(out), "prefix": prefix, "source": source, "written": written, "shards": len(sink.names),
+               "files": sink.names, "skipped": skipped}
+    write_json(summary_path(out, prefix), summary)
+    return summary
 
 
 # ---- writers from a folder or a csv file --------------------------------------------------------
@@ -200,7 +225,8 @@ def _file_samples(items, skipped: dict) -> Iterator[dict]:
             count(skipped, e.args[0], str(path))
 
 
-def write_folder(src, out, *, shard_size: int = 1000, resize: int | None = None, prefix: str | None = None) -> dict:
+def write_folder(src, out, *, shard_size: int = 1000, resize: int | None = None, prefix: str | None = None,
+                 overwrite: bool = False) -> dict:
     """Shards from a folder tree of images, each captioned by a same-stem .txt file (one caption a line)."""
     src = Path(src)
     if not src.is_dir():
@@ -210,11 +236,13 @@ def write_folder(src, out, *, shard_size: int = 1000, resize: int | None = None,
     items = ((str(p.relative_to(src).with_suffix("")), p,
               lambda p=p: _read_caption_file(p.with_suffix(".txt"))) for p in images)
     summary = write_samples(_file_samples(items, skipped), out, prefix=prefix or _clean_key(src.resolve().name),
-                            shard_size=shard_size, resize=resize)
+                            shard_size=shard_size, resize=resize, source=f"folder {src.resolve()}",
+                            overwrite=overwrite)
     return _merge_skipped(summary, skipped)
 
 
-def write_csv(file, out, *, shard_size: int = 1000, resize: int | None = None, prefix: str | None = None) -> dict:
+def write_csv(file, out, *, shard_size: int = 1000, resize: int | None = None, prefix: str | None = None,
+              overwrite: bool = False) -> dict:
     """Shards from a csv with columns `path` and `caption`; relative paths are resolved against the
     csv's folder; several rows for one path give that image several captions."""
     file = Path(file)
@@ -237,11 +265,12 @@ def write_csv(file, out, *, shard_size: int = 1000, resize: int | None = None, p
             yield f"{i:08d}_{Path(p).stem}", path, lambda caps=caps: caps
 
     summary = write_samples(_file_samples(items(), skipped), out, prefix=prefix or _clean_key(file.stem),
-                            shard_size=shard_size, resize=resize)
+                            shard_size=shard_size, resize=resize, source=f"csv {file.resolve()}", overwrite=overwrite)
     return _merge_skipped(summary, skipped)
 
 
 def _merge_skipped(summary: dict, skipped: dict) -> dict:
     for k, v in skipped.items():
         summary["skipped"][k] = summary["skipped"].get(k, 0) + v
+    write_json(summary_path(summary["out"], summary["prefix"]), summary)
     return summary

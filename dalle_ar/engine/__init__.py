@@ -24,9 +24,16 @@ The contract for stage authors:
     on_checkpoint(step, model, writer) after each complete checkpoint; `model` is the module (eval
                                        mode, no grad, full weights gathered under ZeRO-3), `writer`
                                        the TensorBoard SummaryWriter or None
+    on_eval(step, model, writer) -> dict   every cfg.eval_every steps (and at the last step): validation
+                                       metrics {name: number}, equal on every rank (read the same val
+                                       batches on all ranks); logged as val/<name> (a `val_` prefix is
+                                       dropped) and as one line; `model` as for on_checkpoint
     skipped_counts() -> dict           the loader's skip counters; summed over ranks and logged
 - `out_dir` receives `checkpoints/step00001000/` (DeepSpeed checkpoints; a tag counts only once it
   holds the `complete` marker), `tb/` (TensorBoard), `export/` (config.json + model.safetensors, fp32).
+
+A warm-up at least as long as the run (or a restart phase) is shortened to a tenth of it, with a
+warning (`fit_to_run`): short runs reach the configured LR.
 
 Non-finite losses are caught before backward on every rank alike: the micro-batch is dropped (with
 grad_accum=1 the step is skipped) and counted; `max_nonfinite` in a row raise RuntimeError. Under fp16,
@@ -35,7 +42,7 @@ SIGTERM/SIGINT finish the current step, checkpoint and return with summary["inte
 
 The package, one module per concern (stage code imports from `dalle_ar.engine` only):
 
-    config.py            TrainConfig, lr_at (the schedule), apply_overrides (`key=value`)
+    config.py            TrainConfig, lr_at (the schedule), fit_to_run (short runs), apply_overrides (`key=value`)
     deepspeed_config.py  load_ds_config, resolve_ds_config (the DeepSpeed JSON agrees with TrainConfig)
     dist.py              init_distributed, is_rank0, and the collectives the loop agrees with
     optim.py             param_groups: the one weight-decay rule
@@ -45,13 +52,13 @@ The package, one module per concern (stage code imports from `dalle_ar.engine` o
 
 from .checkpoint import (COMPLETE, FP32_FILE, STATE_FILE, TAG_RE, RunState, export_checkpoint,
                          latest_checkpoint, seed_everything, weights_only_loads)
-from .config import PRECISIONS, SCHEDULES, TrainConfig, apply_overrides, lr_at
+from .config import PRECISIONS, SCHEDULES, TrainConfig, apply_overrides, fit_to_run, lr_at
 from .deepspeed_config import CONFIG_DIR, load_ds_config, resolve_ds_config
 from .dist import free_port, init_distributed, is_rank0
 from .loop import Meter, train
 from .optim import param_groups
 
-__all__ = ["TrainConfig", "train", "lr_at", "apply_overrides", "load_ds_config", "resolve_ds_config", "CONFIG_DIR",
+__all__ = ["TrainConfig", "train", "lr_at", "fit_to_run", "apply_overrides", "load_ds_config", "resolve_ds_config", "CONFIG_DIR",
            "init_distributed", "is_rank0", "free_port", "seed_everything", "param_groups", "RunState", "Meter",
            "latest_checkpoint", "export_checkpoint", "TAG_RE", "COMPLETE", "STATE_FILE", "FP32_FILE",
            "PRECISIONS", "SCHEDULES", "weights_only_loads"]

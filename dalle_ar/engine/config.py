@@ -34,6 +34,7 @@ class TrainConfig:
     save_every: int = 500             # checkpoint every N steps (0: only at the end)
     keep_last: int = 2                # complete checkpoints kept
     log_every: int = 10
+    eval_every: int = 0               # >0: the stage's validation every N steps, logged as val/* (0: at the end only)
     zero_stage: int = 0               # 0 | 1 | 2 | 3
     precision: str = "fp32"           # fp32 | bf16 | fp16 (bf16.enabled / fp16.enabled in DeepSpeed)
     max_nonfinite: int = 10           # consecutive non-finite losses before giving up
@@ -48,7 +49,7 @@ class TrainConfig:
 
         for name in ("steps", "batch_size", "grad_accum", "keep_last", "log_every", "max_nonfinite"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "an integer >= 1")
-        for name in ("warmup", "save_every", "seed", "halve_every", "restart_at"):
+        for name in ("warmup", "save_every", "seed", "halve_every", "restart_at", "eval_every"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 0, name, "an integer >= 0")
         need(self.lr > 0, "lr", "> 0")
         need(0 <= self.min_lr <= self.lr, "min_lr", "in [0, lr]")
@@ -81,6 +82,21 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
         return max(cfg.min_lr, cfg.lr * 0.5 ** ((step - cfg.warmup) // cfg.halve_every))
     t = min(1.0, (step - cfg.warmup) / max(1, end - cfg.warmup))
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t))
+
+
+def fit_to_run(cfg: TrainConfig) -> tuple[TrainConfig, list[str]]:
+    """Short runs: a warm-up at least as long as the run (or as a restart phase) would never reach
+    cfg.lr, so it is shortened to a tenth of the shortest phase; returns (config, warnings to show).
+    Longer runs are returned unchanged."""
+    phases = [cfg.restart_at, cfg.steps - cfg.restart_at] if 0 < cfg.restart_at < cfg.steps else [cfg.steps]
+    shortest = min(phases)
+    if cfg.warmup < shortest:
+        return cfg, []
+    fitted = dataclasses.replace(cfg, warmup=max(1, shortest // 10))
+    where = "the run's" if len(phases) == 1 else "the shortest schedule phase's (train.restart_at)"
+    return fitted, [f"WARNING: train.warmup={cfg.warmup} >= {where} {shortest} steps: the LR would never reach "
+                    f"train.lr={cfg.lr:g}; warm-up shortened to {fitted.warmup} step(s) (a tenth). "
+                    f"Set train.warmup below {shortest} to choose it yourself."]
 
 
 def _coerce(key: str, text: str, current):

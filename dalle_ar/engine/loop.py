@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import Checkpoints, RunState, seed_everything, set_rng_state, tag_of
-from .config import TrainConfig, lr_at
+from .config import TrainConfig, fit_to_run, lr_at
 from .deepspeed_config import load_ds_config, resolve_ds_config
 from .dist import all_true, init_distributed, mean_over_ranks, sum_dicts, world
 from .optim import param_groups, zero0_grad_norm
@@ -37,9 +37,13 @@ def train(model: torch.nn.Module, loss_fn, make_batches, cfg: TrainConfig, out_d
     init_distributed()
     rank, world_size = world()
     cfg, ds = resolve_ds_config(cfg, ds_config if isinstance(ds_config, dict) else load_ds_config(ds_config))
+    cfg, warnings = fit_to_run(cfg)
+    for text in warnings if rank == 0 else ():
+        print(f"[engine] {text}", flush=True)
     seed_everything(cfg.seed + rank)  # different dropout per rank; DeepSpeed broadcasts rank 0's weights
     engine = _deepspeed_engine(model, cfg, ds)
-    on_step, on_checkpoint, skipped_counts = (_hook(hooks, n) for n in ("on_step", "on_checkpoint", "skipped_counts"))
+    on_step, on_checkpoint, on_eval, skipped_counts = (_hook(hooks, n) for n in
+                                                        ("on_step", "on_checkpoint", "on_eval", "skipped_counts"))
 
     ckpts = Checkpoints(out / "checkpoints", cfg, rank, world_size)
     try:
@@ -71,6 +75,9 @@ def train(model: torch.nn.Module, loss_fn, make_batches, cfg: TrainConfig, out_d
             interrupted = not all_true(not stop.stop, world_size)
             if interrupted or (cfg.save_every and state.step % cfg.save_every == 0) or state.step == cfg.steps:
                 _checkpoint(ckpts, engine, state, on_checkpoint, meter.writer)
+            if on_eval is not None and cfg.eval_every and not interrupted and (
+                    state.step % cfg.eval_every == 0 or state.step == cfg.steps):
+                meter.log_eval(state.step, _in_eval_mode(engine, lambda m: on_eval(state.step, m, meter.writer)))
             if interrupted:
                 meter.say(f"[engine] stopped by signal at step {state.step}; checkpoint {ckpts.dir / ckpts.last_tag}")
                 break
@@ -113,20 +120,27 @@ def _checkpoint(ckpts: Checkpoints, engine, state: RunState, on_checkpoint, writ
     under ZeRO-3 its full weights gathered: collective, every rank enters; sampling with a KV cache reads
     embeddings outside a forward, which ZeRO-3 would leave partitioned)."""
     ckpts.save(engine, state)
-    if on_checkpoint is None:
-        return
+    if on_checkpoint is not None:
+        _in_eval_mode(engine, lambda m: on_checkpoint(state.step, m, writer))
+        if writer:
+            writer.flush()
+
+
+def _in_eval_mode(engine, fn):
+    """fn(module) with the module in eval mode, no grad and under ZeRO-3 its full weights gathered (a hook's
+    sampling or validation; collective: every rank enters)."""
     was = engine.module.training
     engine.module.eval()
     gathered = contextlib.nullcontext()
-    if ckpts.cfg.zero_stage == 3:
+    if engine.zero_optimization_stage() == 3:
         import deepspeed  # heavy: see _deepspeed_engine
 
         gathered = deepspeed.zero.GatheredParameters(list(engine.module.parameters()))
-    with torch.no_grad(), gathered:
-        on_checkpoint(state.step, engine.module, writer)
-    engine.module.train(was)
-    if writer:
-        writer.flush()
+    try:
+        with torch.no_grad(), gathered:
+            return fn(engine.module)
+    finally:
+        engine.module.train(was)
 
 
 class _Stepper:
@@ -240,6 +254,16 @@ class Meter:
         extra += f" skipped {skipped}" if any(skipped.values()) else ""
         self.say(f"[engine] step {state.step}/{cfg.steps} {text} lr {lr:.3g}{extra} {rate:.1f} samples/s "
                  f"epoch {state.epoch} eta {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}")
+
+    def log_eval(self, step: int, metrics) -> None:
+        """The on_eval hook's metrics ({name: number}, the same on every rank) as val/<name> scalars and a line."""
+        metrics = {k.removeprefix("val_"): float(v) for k, v in (metrics or {}).items()}
+        if self.writer:
+            for k, v in metrics.items():
+                self.writer.add_scalar(f"val/{k}", v, step)
+            self.writer.flush()
+        if metrics:
+            self.say(f"[engine] step {step}/{self.cfg.steps} validation " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
 
     def close(self) -> None:
         if self.bar:
