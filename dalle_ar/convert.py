@@ -1,4 +1,5 @@
 """`dalle-ar convert openai-dvae`: OpenAI's released dVAE (encoder.pkl + decoder.pkl) -> a dVAE directory.
+(`dalle-ar convert taming-vqgan` lives in dalle_ar/convert_taming.py.)
 
     dalle-ar convert openai-dvae --encoder encoder.pkl --decoder decoder.pkl --out openai-dvae/
 
@@ -110,6 +111,8 @@ def add_parser(subparsers) -> None:
     o.add_argument("--image-size", type=int, default=OPENAI_IMAGE_SIZE,
                    help=f"image size the dVAE expects (default {OPENAI_IMAGE_SIZE}, as trained by OpenAI)")
     o.set_defaults(func=_run_openai_dvae)
+    from .convert_taming import add_parser as add_taming_parser
+    add_taming_parser(sub)
 
 
 def _run_openai_dvae(args) -> int:

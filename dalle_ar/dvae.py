@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from . import io
+from .image_tokenizer import check_codes, check_images, check_state_dict
 
 LOSSES = ("logit_laplace", "mse")
 
@@ -68,8 +69,11 @@ class DVAEConfig:
     # by save_pretrained instead of the live weights. Not with ZeRO-3; not resumable: a resumed
     # run restarts the average from the checkpoint's weights.
     ema_decay: Optional[float] = None
+    kind: str = "dvae"              # config.json names the image tokenizer (dalle_ar.image_tokenizer)
 
     def __post_init__(self):
+        if self.kind != "dvae":
+            raise ValueError(f"DVAEConfig.kind must be 'dvae', got {self.kind!r}")
         for name in ("image_size", "input_channels", "n_hid", "group_count", "n_blk_per_group",
                      "vocab_size", "n_init", "kl_warmup_steps", "temp_anneal_steps"):
             v = getattr(self, name)
@@ -257,6 +261,20 @@ class DiscreteVAE(nn.Module):
     def grid_size(self) -> int:
         return self.config.grid_size
 
+    # -- the image-tokenizer interface (dalle_ar.image_tokenizer)
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def image_size(self) -> int:
+        return self.config.image_size
+
+    def grid(self, image_size: Optional[int] = None) -> int:
+        """Side of the code grid for square images of `image_size` (default: the configured size)."""
+        size = self.config.image_size if image_size is None else image_size
+        return size // 2 ** (self.config.group_count - 1)
+
     # -- pixels <-> model space (OpenAI's map_pixels / unmap_pixels)
     def map_pixels(self, x):
         eps = self.config.logit_laplace_eps
@@ -267,34 +285,10 @@ class DiscreteVAE(nn.Module):
         return ((x - eps) / (1 - 2 * eps)).clamp(0, 1)
 
     def _check_images(self, images) -> torch.Tensor:
-        c = self.config
-        if not isinstance(images, torch.Tensor) or not images.is_floating_point():
-            got = images.dtype if isinstance(images, torch.Tensor) else type(images).__name__
-            raise ValueError(f"images must be a float tensor with values in [0, 1], got {got}")
-        want = (c.input_channels, c.image_size, c.image_size)
-        if images.dim() != 4 or tuple(images.shape[1:]) != want:
-            raise ValueError(f"images must have shape [B, {want[0]}, {want[1]}, {want[2]}] "
-                             f"(channels, image_size), got {tuple(images.shape)}")
-        if images.numel():
-            lo, hi = torch.aminmax(images.detach())
-            if not (lo >= -1e-3 and hi <= 1 + 1e-3):  # also catches NaN
-                raise ValueError(f"images must have values in [0, 1], got [{float(lo):.4g}, {float(hi):.4g}]")
-        return images
+        return check_images(images, self.config.input_channels, self.config.image_size)
 
     def _check_codes(self, codes) -> torch.Tensor:
-        c = self.config
-        if not isinstance(codes, torch.Tensor) or codes.is_floating_point() or codes.is_complex() \
-                or codes.dtype == torch.bool:
-            got = codes.dtype if isinstance(codes, torch.Tensor) else type(codes).__name__
-            raise ValueError(f"codes must be an integer tensor, got {got}")
-        g = self.grid_size
-        if codes.dim() != 3 or tuple(codes.shape[1:]) != (g, g):
-            raise ValueError(f"codes must have shape [B, {g}, {g}] (grid_size), got {tuple(codes.shape)}")
-        if codes.numel():
-            lo, hi = torch.aminmax(codes)
-            if lo < 0 or hi >= c.vocab_size:
-                raise ValueError(f"codes must be in [0, vocab_size={c.vocab_size}), got values in [{int(lo)}, {int(hi)}]")
-        return codes.long()
+        return check_codes(codes, self.grid_size, self.config.vocab_size)
 
     def _pixels(self, stats):
         """Decoder statistics -> [0,1] images: logit-Laplace: sigmoid of mu, unmapped; mse: mu, unmapped."""
@@ -434,9 +428,4 @@ class DiscreteVAE(nn.Module):
 
 def _check_state_dict(state_dict: dict, expected: dict, what: str) -> None:
     """ValueError naming missing, unexpected and mis-shaped tensors."""
-    missing, unexpected = sorted(set(expected) - set(state_dict)), sorted(set(state_dict) - set(expected))
-    bad = sorted(f"{k} {tuple(state_dict[k].shape)} != {tuple(expected[k].shape)}"
-                 for k in set(expected) & set(state_dict) if tuple(state_dict[k].shape) != tuple(expected[k].shape))
-    if missing or unexpected or bad:
-        raise ValueError(f"{what} does not match the DVAEConfig: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}, shape mismatch {bad[:5]}")
+    check_state_dict(state_dict, expected, what, "DVAEConfig")

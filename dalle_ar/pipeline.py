@@ -4,11 +4,12 @@ A trained pipeline is one directory (see docs/checkpoints.md):
 
     pipeline.json              which components, package version
     tokenizer/tokenizer.json   text BPE
-    dvae/                      config.json + model.safetensors
+    dvae/ or vqgan/            the image tokenizer: config.json (its "kind") + model.safetensors
     dalle/                     config.json + model.safetensors
     clip/                      a transformers CLIPModel directory (optional: no reranking without it)
 
-This module joins tokenizer + dVAE + prior + reranker for inference; it never imports DeepSpeed.
+This module joins tokenizer + image tokenizer (dVAE or VQGAN) + prior + reranker for inference;
+it never imports DeepSpeed.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import __version__
+from .image_tokenizer import KINDS, load_image_tokenizer
 from .io import write_json
 from .rerank import CONSENSUS, check_consensus
 
@@ -78,26 +80,35 @@ def check_prompts(prompts) -> list[str]:
 
 
 class TextToImagePipeline:
-    """tokenizer -> prior -> dVAE decoder -> CLIP reranker."""
+    """tokenizer -> prior -> image tokenizer's decoder (dVAE or VQGAN) -> CLIP reranker."""
 
-    def __init__(self, tokenizer, dvae, dalle, reranker=None, device: str | torch.device = "cpu"):
-        if dalle.config.image_vocab_size != dvae.config.vocab_size:
+    def __init__(self, tokenizer, image_tokenizer, dalle, reranker=None, device: str | torch.device = "cpu"):
+        if dalle.config.image_vocab_size != image_tokenizer.vocab_size:
             raise ValueError(
-                f"dalle.image_vocab_size={dalle.config.image_vocab_size} does not match "
-                f"dvae.vocab_size={dvae.config.vocab_size}"
+                f"dalle.image_vocab_size={dalle.config.image_vocab_size} does not match the image "
+                f"tokenizer's vocab_size={image_tokenizer.vocab_size}"
             )
-        if dalle.config.image_grid != dvae.grid_size:
-            raise ValueError(f"dalle.image_grid={dalle.config.image_grid} != dvae grid {dvae.grid_size}")
+        if dalle.config.image_grid != image_tokenizer.grid_size:
+            raise ValueError(f"dalle.image_grid={dalle.config.image_grid} != image tokenizer grid {image_tokenizer.grid_size}")
         if tokenizer.vocab_size > dalle.config.text_vocab_size:
             raise ValueError(
                 f"tokenizer vocab {tokenizer.vocab_size} > dalle.text_vocab_size={dalle.config.text_vocab_size}"
             )
-        self.tokenizer, self.dvae, self.dalle, self.reranker = tokenizer, dvae, dalle, reranker
+        self.tokenizer, self.image_tokenizer, self.dalle, self.reranker = tokenizer, image_tokenizer, dalle, reranker
         self.to(device)
+
+    @property
+    def dvae(self):
+        """The image tokenizer (its name before the VQ family joined; kept for 0.1 callers)."""
+        return self.image_tokenizer
+
+    @property
+    def image_tokenizer_kind(self) -> str:
+        return self.image_tokenizer.config.kind
 
     def to(self, device) -> "TextToImagePipeline":
         self.device = torch.device(device)
-        self.dvae.to(self.device).eval()
+        self.image_tokenizer.to(self.device).eval()
         self.dalle.to(self.device).eval()
         if self.reranker is not None:
             self.reranker.to(self.device)
@@ -111,18 +122,20 @@ class TextToImagePipeline:
         d = Path(directory)
         if not (d / PIPELINE_FILE).is_file():
             raise ValueError(f"{d} is not a pipeline directory: no {PIPELINE_FILE}")
-        for part in ("tokenizer", "dvae", "dalle"):
+        for part in ("tokenizer", "dalle"):
             if not (d / part).is_dir():
                 raise ValueError(f"pipeline {d}: missing component '{part}/'")
+        images = [k for k in KINDS if (d / k).is_dir()]
+        if len(images) != 1:
+            raise ValueError(f"pipeline {d}: needs exactly one image tokenizer directory of {list(KINDS)}, found {images}")
         if clip is None and (d / "clip").is_dir():
             clip = d / "clip"
-        return cls.from_pretrained_parts(d / "tokenizer", d / "dvae", d / "dalle", clip, device=device)
+        return cls.from_pretrained_parts(d / "tokenizer", d / images[0], d / "dalle", clip, device=device)
 
     @classmethod
-    def from_pretrained_parts(cls, tokenizer, dvae, dalle, clip=None, device="cpu") -> "TextToImagePipeline":
-        """Join separately trained parts (directories); without `clip` there is no reranking."""
+    def from_pretrained_parts(cls, tokenizer, image_tokenizer, dalle, clip=None, device="cpu") -> "TextToImagePipeline":
+        """Join separately trained parts (directories; `image_tokenizer` a dVAE or VQGAN one); without `clip` there is no reranking."""
         from .dalle import DALLE
-        from .dvae import DiscreteVAE
         from .tokenizer import TextTokenizer
 
         reranker = None
@@ -130,7 +143,7 @@ class TextToImagePipeline:
             from .rerank import CLIPReranker
 
             reranker = CLIPReranker.from_pretrained(clip, device=device)
-        return cls(TextTokenizer.from_pretrained(tokenizer), DiscreteVAE.from_pretrained(dvae),
+        return cls(TextTokenizer.from_pretrained(tokenizer), load_image_tokenizer(image_tokenizer),
                    DALLE.from_pretrained(dalle), reranker, device=device)
 
     def save_pretrained(self, directory, clip_dir: str | None = None) -> Path:
@@ -138,9 +151,13 @@ class TextToImagePipeline:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save_pretrained(d / "tokenizer")
-        self.dvae.save_pretrained(d / "dvae")
+        kind = self.image_tokenizer_kind
+        for other in KINDS:  # one image tokenizer per pipeline: drop another kind's left-over directory
+            if other != kind:
+                shutil.rmtree(d / other, ignore_errors=True)
+        self.image_tokenizer.save_pretrained(d / kind)
         self.dalle.save_pretrained(d / "dalle")
-        components = ["tokenizer", "dvae", "dalle"]
+        components = ["tokenizer", kind, "dalle"]
         src = clip_dir or (getattr(self.reranker, "path", None) if self.reranker is not None else None)
         if src is not None:
             if Path(src).resolve() != (d / "clip").resolve():
@@ -163,7 +180,7 @@ class TextToImagePipeline:
         for start in range(0, n, batch_size):
             b = min(batch_size, n - start)
             codes = self.dalle.generate(text.expand(b, -1).to(self.device), generator=generator, **sampling)
-            out.append(self.dvae.decode(codes).float().cpu())
+            out.append(self.image_tokenizer.decode(codes).float().cpu())
             if progress is not None:
                 progress.update(b)
         return torch.cat(out)
