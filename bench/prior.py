@@ -27,6 +27,7 @@ import torch
 
 from common import pick_threads
 from dalle_ar.dalle import DALLE, DALLEConfig, sample_logits
+from dalle_ar.engine import param_groups
 
 
 def sync(device):
@@ -204,7 +205,7 @@ def main(argv=None) -> None:
 
     # ---- training --------------------------------------------------------------------------
     model = make_model(args, args.train_grid, device).train()
-    opt = torch.optim.AdamW(model.configure_optimizer_groups(4.5e-2), lr=1e-4, betas=(0.9, 0.96))
+    opt = torch.optim.AdamW(param_groups(model, 4.5e-2), lr=1e-4, betas=(0.9, 0.96))
     g = torch.Generator().manual_seed(2)
     text = torch.randint(1, args.text_vocab, (args.train_batch, args.text_len), generator=g).to(device)
     codes = torch.randint(0, args.image_vocab, (args.train_batch, args.train_grid, args.train_grid), generator=g).to(device)

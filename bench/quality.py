@@ -38,7 +38,8 @@ from tqdm.auto import tqdm
 from common import pick_threads
 from dalle_ar.data import digits, shapes
 from dalle_ar.io import write_json
-from dalle_ar.pipeline import TextToImagePipeline, to_pil
+from dalle_ar.images import to_pil
+from dalle_ar.pipeline import TextToImagePipeline
 
 PICKS = ("reranked", "random", "oracle")
 

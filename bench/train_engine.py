@@ -65,10 +65,10 @@ def launch(zero: int, procs: int, args, tmp: Path) -> list[dict]:
     if procs == 1:
         cmd = [sys.executable, *script]
     else:
-        from dalle_ar.engine import _free_port
+        from dalle_ar.engine import free_port
 
         torchrun = Path(sys.executable).with_name("torchrun")
-        cmd = [str(torchrun), "--nproc_per_node", str(procs), "--master_port", str(_free_port()), *script]
+        cmd = [str(torchrun), "--nproc_per_node", str(procs), "--master_port", str(free_port()), *script]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")

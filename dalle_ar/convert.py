@@ -1,5 +1,4 @@
-"""`dalle-ar convert openai-dvae`: OpenAI's released dVAE (encoder.pkl + decoder.pkl) -> a dVAE directory.
-(`dalle-ar convert taming-vqgan` lives in dalle_ar/convert_taming.py.)
+"""OpenAI's released dVAE (encoder.pkl + decoder.pkl) -> a dVAE directory (taming VQGANs: convert_taming.py).
 
     dalle-ar convert openai-dvae --encoder encoder.pkl --decoder decoder.pkl --out openai-dvae/
 
@@ -15,8 +14,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import torch
-
+# torch (and the dVAE) load inside the functions: `dalle-ar --help` reads this module's constants.
 OPENAI_IMAGE_SIZE = 256  # the released model was trained on 256 x 256 images (32 x 32 codes)
 INSTALL_HINT = ("reading OpenAI's pickles needs their `dall_e` package: pip install attrs requests && "
                 "pip install DALL-E --no-deps  (pure Python; --no-deps keeps it from replacing torch)")
@@ -52,14 +50,17 @@ def convert_openai_state_dicts(enc_sd: dict, dec_sd: dict, image_size: int = OPE
     argument); the mapped dict is checked key by key and shape by shape against the model it
     describes, so anything else is a ValueError naming the problem.
     """
-    from .dvae import DiscreteVAE, DVAEConfig, _check_state_dict
+    import torch
+
+    from .checks import check_state_dict
+    from .dvae import DiscreteVAE, DVAEConfig
 
     config = DVAEConfig(**_infer(enc_sd, dec_sd, image_size))
     sd = {f"{part}.{k}": v.detach().to("cpu", torch.float32).contiguous()
           for part, src in (("encoder", enc_sd), ("decoder", dec_sd)) for k, v in src.items()}
     with torch.device("meta"):  # shapes only: no memory for the 8192-vocab model's weights
         expected = DiscreteVAE(config).state_dict()
-    _check_state_dict(sd, expected, "OpenAI state dicts")
+    check_state_dict(sd, expected, "OpenAI state dicts")
     return config, sd
 
 
@@ -76,6 +77,7 @@ def load_openai_pickle(path) -> dict:
         raise ValueError(f"{INSTALL_HINT} ({e})") from None
     import collections
 
+    import torch
     import torch.nn as nn
 
     # Exactly what the released modules are made of; weights_only refuses anything else.
@@ -98,24 +100,3 @@ def convert_openai_dvae(encoder, decoder, out, image_size: int = OPENAI_IMAGE_SI
 
     config, sd = convert_openai_state_dicts(load_openai_pickle(encoder), load_openai_pickle(decoder), image_size)
     return io.save_pretrained(out, config, sd)
-
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("convert", help="convert third-party weights into dalle-ar directories")
-    sub = p.add_subparsers(dest="source", metavar="SOURCE", required=True)
-    o = sub.add_parser("openai-dvae", help="OpenAI's released dVAE (dall_e encoder.pkl + decoder.pkl)",
-                       description=__doc__.split("\n\n")[0] + " " + INSTALL_HINT)
-    o.add_argument("--encoder", required=True, help="OpenAI's encoder.pkl")
-    o.add_argument("--decoder", required=True, help="OpenAI's decoder.pkl")
-    o.add_argument("--out", required=True, help="output directory (config.json + model.safetensors)")
-    o.add_argument("--image-size", type=int, default=OPENAI_IMAGE_SIZE,
-                   help=f"image size the dVAE expects (default {OPENAI_IMAGE_SIZE}, as trained by OpenAI)")
-    o.set_defaults(func=_run_openai_dvae)
-    from .convert_taming import add_parser as add_taming_parser
-    add_taming_parser(sub)
-
-
-def _run_openai_dvae(args) -> int:
-    out = convert_openai_dvae(args.encoder, args.decoder, args.out, image_size=args.image_size)
-    print(f"wrote {out}")
-    return 0

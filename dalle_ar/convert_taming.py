@@ -113,14 +113,14 @@ def config_from_yaml(path, image_size=None):
 
 def convert_taming_state_dict(sd: dict, config):
     """taming VQModel / GumbelVQ state dict -> VQGAN state dict (fp32, `loss.*` dropped), checked against `config`."""
-    from .image_tokenizer import check_state_dict
+    from .checks import check_state_dict
     from .vqgan import VQGAN
 
     out = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sd.items()
            if not k.startswith("loss.") and v.is_floating_point()}
     with torch.device("meta"):  # shapes only
         expected = VQGAN(config).state_dict()
-    check_state_dict(out, expected, "the checkpoint's weights", "YAML config")
+    check_state_dict(out, expected, "the checkpoint's weights", "the YAML config")
     return out
 
 
@@ -132,20 +132,3 @@ def convert_taming_vqgan(ckpt, config, out, image_size=None) -> Path:
     sd = convert_taming_state_dict(load_lightning_checkpoint(ckpt), cfg)
     return io.save_pretrained(out, cfg, sd)
 
-
-def add_parser(sub) -> None:
-    """`taming-vqgan` under `dalle-ar convert`."""
-    t = sub.add_parser("taming-vqgan", help="a taming-transformers VQGAN (VQModel or GumbelVQ: last.ckpt + model.yaml)",
-                       description=__doc__.split("\n\n")[0])
-    t.add_argument("--ckpt", required=True, help="the Lightning checkpoint (e.g. last.ckpt)")
-    t.add_argument("--config", required=True, help="its model YAML (e.g. model.yaml / *-project.yaml)")
-    t.add_argument("--out", required=True, help="output directory (config.json + model.safetensors)")
-    t.add_argument("--image-size", type=int, default=None,
-                   help="image size the tokenizer expects (default: the YAML's ddconfig.resolution)")
-    t.set_defaults(func=_run)
-
-
-def _run(args) -> int:
-    out = convert_taming_vqgan(args.ckpt, args.config, args.out, image_size=args.image_size)
-    print(f"wrote {out}")
-    return 0

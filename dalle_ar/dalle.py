@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import io
+from .checks import check_tokens
 from .transformer import ATTN_TYPES, Transformer
 
 
@@ -87,21 +88,6 @@ def check_temperature(v, name="temperature") -> None:
 def check_guidance(v, name="guidance_scale") -> None:
     if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
         raise ValueError(f"{name} must be a finite number >= 0 (1 = no guidance, 0 = unconditional), got {v!r}")
-
-
-def _check_tokens(name: str, t, shape: tuple, high: int) -> torch.Tensor:
-    """An integer tensor of exactly `shape` (None = any size) with values in [0, high) -> long."""
-    if not isinstance(t, torch.Tensor) or t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
-        raise ValueError(f"{name} must be an integer tensor, got "
-                         f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
-    if t.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape)):
-        want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
-        raise ValueError(f"{name} must have shape {want}, got {list(t.shape)}")
-    if t.numel():
-        lo, hi = torch.stack(torch.aminmax(t)).tolist()  # one host sync (a GPU step stalls on each)
-        if lo < 0 or hi >= high:
-            raise ValueError(f"{name} holds ids outside [0, {high}): min {lo}, max {hi}")
-    return t.long()
 
 
 def sample_logits(logits: torch.Tensor, u: torch.Tensor, temperature: float = 1.0,
@@ -192,11 +178,11 @@ class DALLE(nn.Module):
         return text.masked_fill(dropped[:, None], self.config.pad_id), dropped
 
     def check_text(self, text) -> torch.Tensor:
-        return _check_tokens("text", text, (None, self.config.text_len), self.config.text_vocab_size)
+        return check_tokens("text", text, (None, self.config.text_len), self.config.text_vocab_size)
 
     def check_codes(self, codes, batch: Optional[int] = None) -> torch.Tensor:
         g = self.config.image_grid
-        return _check_tokens("codes", codes, (batch, g, g), self.config.image_vocab_size)
+        return check_tokens("codes", codes, (batch, g, g), self.config.image_vocab_size)
 
     # ---- training ----------------------------------------------------------------------------
 
@@ -284,7 +270,7 @@ class DALLE(nn.Module):
         if prime is not None:
             if isinstance(prime, torch.Tensor) and prime.dim() == 3 and prime.shape[1] >= g:
                 raise ValueError(f"prime has {prime.shape[1]} rows; at most {g - 1} of {g} can be primed")
-            prime = _check_tokens("prime", prime, (B, None, g), c.image_vocab_size).flatten(1)
+            prime = check_tokens("prime", prime, (B, None, g), c.image_vocab_size).flatten(1)
             n0 = prime.shape[1]
 
         device = self.text_emb.weight.device
@@ -326,13 +312,6 @@ class DALLE(nn.Module):
         if exclude_embeddings:
             skip = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
         return sum(p.numel() for p in self.parameters() if id(p) not in skip)
-
-    def configure_optimizer_groups(self, weight_decay: float = 4.5e-2) -> list[dict]:
-        """[decay, no_decay] AdamW param groups: Linear weights decay; biases, norms, embeddings don't."""
-        decay = {id(m.weight) for m in self.modules() if isinstance(m, nn.Linear)}
-        params = [p for p in self.parameters() if p.requires_grad]
-        return [{"params": [p for p in params if id(p) in decay], "weight_decay": weight_decay},
-                {"params": [p for p in params if id(p) not in decay], "weight_decay": 0.0}]
 
     @classmethod
     def from_pretrained(cls, directory) -> "DALLE":

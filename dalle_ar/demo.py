@@ -13,6 +13,15 @@ import logging
 import time
 from pathlib import Path
 
+from .data import digits, shapes
+from .generate import generate
+from .io import write_json
+from .pipeline import TextToImagePipeline
+from .tokenizer import TextTokenizer, read_captions
+from .train import config_path
+from .train.encode import encode_shards
+from .train.stages import run_stage
+
 log = logging.getLogger(__name__)
 
 # Budgets: overrides on top of train/configs/<stage>-<data>.json. "default" fits ~15 minutes on
@@ -28,12 +37,6 @@ BUDGETS = {
 }
 
 
-def config_path(name: str) -> Path:
-    from importlib.resources import files
-
-    return Path(str(files("dalle_ar.train") / "configs" / name))
-
-
 def _stage(folder: Path, what: str, fn):
     """Run fn() unless folder/done.json says it finished; time it; mark it done."""
     done = folder / "done.json"
@@ -45,16 +48,12 @@ def _stage(folder: Path, what: str, fn):
     info = fn() or {}
     info = {"seconds": round(time.time() - t, 1), **info}
     folder.mkdir(parents=True, exist_ok=True)
-    from .io import write_json
-
     write_json(done, info)
     print(f"[demo] {what}: done in {info['seconds']} s", flush=True)
     return info
 
 
 def run_demo(out, data: str = "shapes", budget: str = "default", seed: int = 0) -> dict:
-    from .data import digits, shapes
-
     if data not in ("shapes", "digits"):
         raise ValueError(f"data must be 'shapes' or 'digits', got {data!r}")
     if budget not in BUDGETS:
@@ -78,15 +77,11 @@ def run_demo(out, data: str = "shapes", budget: str = "default", seed: int = 0) 
     tok_dir = out / "tokenizer"
 
     def train_tokenizer():
-        from .tokenizer import TextTokenizer, read_captions
-
         tok = TextTokenizer.train(read_captions(train_shards), vocab_size=512 if data == "shapes" else 256)
         tok.save_pretrained(tok_dir)
         return {"vocab_size": tok.vocab_size}
 
     summary["tokenizer"] = _stage(tok_dir, "BPE tokenizer", train_tokenizer)
-
-    from .train.stages import run_stage
 
     def train(stage, folder, shards, extra=()):
         def fn():
@@ -104,8 +99,6 @@ def run_demo(out, data: str = "shapes", budget: str = "default", seed: int = 0) 
     codes_dir = out / "codes"
 
     def encode():
-        from .train.encode import encode_shards
-
         return encode_shards(dvae_dir, train_shards, codes_dir / "train")
 
     summary["encode"] = _stage(codes_dir, "encode shards with the dVAE", encode)
@@ -121,8 +114,6 @@ def run_demo(out, data: str = "shapes", budget: str = "default", seed: int = 0) 
     pipe_dir = out / "pipeline"
 
     def assemble():
-        from .pipeline import TextToImagePipeline
-
         pipe = TextToImagePipeline.from_pretrained_parts(
             tokenizer=tok_dir, dvae=dvae_dir, dalle=runs / "dalle" / "export", clip=runs / "clip" / "export")
         pipe.save_pretrained(pipe_dir)
@@ -130,7 +121,7 @@ def run_demo(out, data: str = "shapes", budget: str = "default", seed: int = 0) 
 
     summary["pipeline"] = _stage(pipe_dir, "save pipeline", assemble)
 
-    # 5. reranked generation through the CLI's own code path
+    # 5. reranked generation, the library call behind `dalle-ar generate`
     gen_dir = out / "generated"
     prompts_file = out / "prompts.txt"
     if not prompts_file.is_file():
@@ -140,30 +131,14 @@ def run_demo(out, data: str = "shapes", budget: str = "default", seed: int = 0) 
             prompts = digits.val_captions(b["generate"]["prompts"], seed=seed)
         prompts_file.write_text("\n".join(prompts) + "\n")
 
-    def generate():
-        from .cli import main as cli_main
-
-        rc = cli_main(["generate", "--model", str(pipe_dir), "--prompts", str(prompts_file), "--out", str(gen_dir),
-                       "--candidates", str(b["generate"]["candidates"]), "--keep", "1", "--seed", str(seed)])
-        if rc:
-            raise RuntimeError(f"dalle-ar generate failed with exit code {rc}")
+    def reranked_generation():
+        generate(pipe_dir, prompts_file, gen_dir, candidates=b["generate"]["candidates"], keep=1, seed=seed)
         return {"grid": str(gen_dir / "grid.png"), "jsonl": str(gen_dir / "prompts.jsonl")}
 
-    summary["generate"] = _stage(gen_dir, "reranked generation", generate)
+    summary["generate"] = _stage(gen_dir, "reranked generation", reranked_generation)
     summary["minutes"] = round((time.time() - t0) / 60, 1)
     print(f"\n[demo] finished in {summary['minutes']} min")
     print(f"[demo] pipeline:      {pipe_dir}")
     print(f"[demo] grid.png:      {gen_dir / 'grid.png'}")
     print(f"[demo] prompts.jsonl: {gen_dir / 'prompts.jsonl'}")
     return summary
-
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("demo", help="train and sample the whole pipeline on a built-in set (CPU, no download)",
-                              description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="demo folder (re-running resumes finished stages)")
-    p.add_argument("--data", choices=["shapes", "digits"], default="shapes")
-    p.add_argument("--budget", choices=sorted(BUDGETS), default="default",
-                   help="default: ~15 min on 2 CPU cores; fast: ~2 min smoke run")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=lambda a: (run_demo(a.out, data=a.data, budget=a.budget, seed=a.seed), 0)[1])

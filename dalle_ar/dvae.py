@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from . import io
-from .image_tokenizer import check_codes, check_images, check_state_dict
+from .checks import check_images, check_state_dict, check_tokens
 
 LOSSES = ("logit_laplace", "mse")
 
@@ -116,9 +116,9 @@ class Conv2d(nn.Module):
     """
 
     # Without autograd (encode, decode, the frozen encoder of the decoder-only phase) convolutions run
-    # channels-last, input and a per-call copy of the weight: ~2x the images/s of the default layout
-    # on CPU (bench/dvae.py). Training keeps the default layout: the relaxed phase's outcome depends on
-    # floating-point details (docs/benchmarks.md), and this one reproduces the measured shipped run.
+    # channels-last, input and a per-call copy of the weight: faster on CPU (figures: docs/benchmarks.md,
+    # bench/dvae.py). Training keeps the default layout: the relaxed phase's outcome depends on
+    # floating-point details, and this layout reproduces the shipped run.
     inference_memory_format = torch.channels_last
 
     def __init__(self, n_in: int, n_out: int, kw: int):
@@ -288,7 +288,8 @@ class DiscreteVAE(nn.Module):
         return check_images(images, self.config.input_channels, self.config.image_size)
 
     def _check_codes(self, codes) -> torch.Tensor:
-        return check_codes(codes, self.grid_size, self.config.vocab_size)
+        g = self.grid_size
+        return check_tokens("codes", codes, (None, g, g), self.config.vocab_size, "vocab_size")
 
     def _pixels(self, stats):
         """Decoder statistics -> [0,1] images: logit-Laplace: sigmoid of mu, unmapped; mse: mu, unmapped."""
@@ -412,7 +413,7 @@ class DiscreteVAE(nn.Module):
             state_dict = self.ema_state_dict()
         elif state_dict is None:
             state_dict = expected
-        _check_state_dict(state_dict, expected, "state_dict")
+        check_state_dict(state_dict, expected, "state_dict", "the DVAEConfig")
         return io.save_pretrained(directory, self.config, state_dict)
 
     @classmethod
@@ -424,8 +425,3 @@ class DiscreteVAE(nn.Module):
         model = cls(io.load_config(directory, DVAEConfig))
         io.load_weights(directory, model)
         return model.to(device or "cpu").eval()
-
-
-def _check_state_dict(state_dict: dict, expected: dict, what: str) -> None:
-    """ValueError naming missing, unexpected and mis-shaped tensors."""
-    check_state_dict(state_dict, expected, what, "DVAEConfig")

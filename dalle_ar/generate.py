@@ -1,4 +1,4 @@
-"""Reranked batch generation: `dalle-ar generate`.
+"""Reranked batch generation from a prompts file (the library behind `dalle-ar generate`).
 
 Reads prompts (one a line), samples N candidates per prompt, keeps the k best by CLIP score, and
 writes into OUT:
@@ -19,8 +19,12 @@ import os
 from pathlib import Path
 from typing import Optional
 
+import torch
 from PIL import Image
 from tqdm.auto import tqdm
+
+from .images import image_grid
+from .pipeline import TextToImagePipeline
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +103,6 @@ def generate_to_folder(pipe, prompts_file, out, *, candidates: int = 16, keep: i
 
 
 def write_grid(out: Path, keep: int, max_rows: int = 64) -> Path:
-    from .pipeline import image_grid
-
     rows: dict[int, list] = {}
     for row in (out / "prompts.jsonl").read_text().splitlines():
         try:
@@ -114,68 +116,10 @@ def write_grid(out: Path, keep: int, max_rows: int = 64) -> Path:
     return out / "grid.png"
 
 
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("generate", help="reranked batch generation from a prompts file",
-                              description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="pipeline directory (from `dalle-ar demo` or save_pretrained)")
-    p.add_argument("--prompts", required=True, help="text file, one prompt a line")
-    p.add_argument("--out", required=True, help="output folder (resumed if partly written)")
-    p.add_argument("--candidates", type=int, default=16, help="images sampled per prompt (N)")
-    p.add_argument("--keep", type=int, default=1, help="best images kept per prompt (k)")
-    p.add_argument("--batch-size", type=int, default=16, help="candidates sampled at once")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--temperature", type=float, default=None,
-                   help="sampling temperature (> 0); default: the model's recommended value")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--guidance-scale", type=float, default=None,
-                   help="classifier-free guidance (1 = off); default: the model's recommended value")
-    p.add_argument("--consensus", type=float, default=None,
-                   help="weight of the candidates' agreement in the ranking (0: CLIP score alone); "
-                        "default: the pipeline's (1.0)")
-    p.add_argument("--clip", default=None, help="a local CLIP directory to rerank with instead of the model's")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.set_defaults(func=_run)
-
-
-def _run(args) -> int:
-    import torch
-
-    from .pipeline import TextToImagePipeline
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = TextToImagePipeline.from_pretrained(args.model, device=device, clip=args.clip)
-    summary = generate_to_folder(pipe, args.prompts, args.out, candidates=args.candidates, keep=args.keep,
-                                 seed=args.seed, batch_size=args.batch_size, temperature=args.temperature,
-                                 top_k=args.top_k, top_p=args.top_p, guidance_scale=args.guidance_scale,
-                                 consensus=args.consensus)
-    print(json.dumps(summary, indent=2))
-    print(f"grid: {summary['grid']}\nprompts.jsonl: {summary['jsonl']}")
-    return 0
-
-
-# ---- CLI: dalle-ar pipeline ----------------------------------------------------------------------
-
-def add_pipeline_parser(subparsers) -> None:
-    p = subparsers.add_parser("pipeline", help="assemble trained parts into a pipeline directory",
-                              description="Join a tokenizer, a dVAE, a prior and (optionally) a CLIP, each a "
-                                          "directory (e.g. a run's export/), into one pipeline folder that "
-                                          "`dalle-ar generate --model` and TextToImagePipeline.from_pretrained load.")
-    p.add_argument("--tokenizer", required=True, help="tokenizer directory (dalle-ar tokenizer train --out)")
-    p.add_argument("--dvae", required=True, help="dVAE directory (config.json + model.safetensors)")
-    p.add_argument("--dalle", required=True, help="prior directory (config.json + model.safetensors)")
-    p.add_argument("--clip", default=None, help="CLIP directory (own or a local pretrained CLIP); none: no reranking")
-    p.add_argument("--out", required=True, help="pipeline directory to write")
-    p.set_defaults(func=_assemble)
-
-
-def _assemble(args) -> int:
-    for name in ("tokenizer", "dvae", "dalle", "clip"):
-        path = getattr(args, name)
-        if path is not None and not Path(path).is_dir():
-            raise ValueError(f"--{name}: {path} is not a directory")
-    from .pipeline import TextToImagePipeline
-
-    pipe = TextToImagePipeline.from_pretrained_parts(args.tokenizer, args.dvae, args.dalle, args.clip)
-    print(f"pipeline: {pipe.save_pretrained(args.out)}")
-    return 0
+def generate(model, prompts_file, out, *, device: Optional[str] = None, clip: Optional[str] = None,
+             **options) -> dict:
+    """Load the pipeline directory `model` (with `clip` replacing its reranker) on `device` (default:
+    cuda if available) and run `generate_to_folder` with `options`; returns its summary."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = TextToImagePipeline.from_pretrained(model, device=device, clip=clip)
+    return generate_to_folder(pipe, prompts_file, out, **options)

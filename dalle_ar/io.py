@@ -18,6 +18,8 @@ from typing import Any, Type, TypeVar
 import torch
 from safetensors.torch import load_file, save_file
 
+from .checks import check_state_dict
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
@@ -99,14 +101,6 @@ def load_weights(directory: str | os.PathLike, module: torch.nn.Module) -> torch
     if not path.is_file():
         raise ValueError(f"no {WEIGHTS_NAME} in {directory}")
     state = load_file(str(path))
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
-    if missing or unexpected or shapes:
-        raise ValueError(
-            f"weights in {path} do not match the config: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}, shape mismatch {shapes[:5]}"
-        )
+    check_state_dict(state, module.state_dict(), f"weights in {path}")
     module.load_state_dict(state)
     return module

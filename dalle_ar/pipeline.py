@@ -14,21 +14,21 @@ it never imports DeepSpeed.
 
 from __future__ import annotations
 
-import json
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
-import numpy as np
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
 from . import __version__
 from .image_tokenizer import KINDS, load_image_tokenizer
+from .images import image_grid, to_pil  # noqa: F401  (image_grid: dalle_ar.pipeline API, docs/api.md)
 from .io import write_json
-from .rerank import CONSENSUS, check_consensus
+from .dalle import DALLE
+from .rerank import CONSENSUS, CLIPReranker, check_consensus
+from .tokenizer import TextTokenizer
 
 PIPELINE_FILE = "pipeline.json"
 
@@ -45,26 +45,6 @@ class PromptResult:
     seed: int
     candidates: Optional[list] = None  # all N candidates in sampling order, on request
     candidate_scores: Optional[list] = None
-
-
-def to_pil(images: torch.Tensor) -> list:
-    """float [B,3,H,W] in [0,1] -> list of RGB PIL images."""
-    arr = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(a) for a in arr]
-
-
-def image_grid(rows: Sequence[Sequence[Image.Image]], pad: int = 2) -> Image.Image:
-    """Contact sheet: one row per list, images of one size, black padding."""
-    rows = [list(r) for r in rows if len(r)]
-    if not rows:
-        raise ValueError("image_grid: rows is empty")
-    w, h = rows[0][0].size
-    ncol = max(len(r) for r in rows)
-    sheet = Image.new("RGB", (ncol * (w + pad) + pad, len(rows) * (h + pad) + pad))
-    for i, row in enumerate(rows):
-        for j, im in enumerate(row):
-            sheet.paste(im.convert("RGB").resize((w, h)), (pad + j * (w + pad), pad + i * (h + pad)))
-    return sheet
 
 
 def check_prompts(prompts) -> list[str]:
@@ -135,13 +115,8 @@ class TextToImagePipeline:
     @classmethod
     def from_pretrained_parts(cls, tokenizer, image_tokenizer, dalle, clip=None, device="cpu") -> "TextToImagePipeline":
         """Join separately trained parts (directories; `image_tokenizer` a dVAE or VQGAN one); without `clip` there is no reranking."""
-        from .dalle import DALLE
-        from .tokenizer import TextTokenizer
-
         reranker = None
         if clip is not None:
-            from .rerank import CLIPReranker
-
             reranker = CLIPReranker.from_pretrained(clip, device=device)
         return cls(TextTokenizer.from_pretrained(tokenizer), load_image_tokenizer(image_tokenizer),
                    DALLE.from_pretrained(dalle), reranker, device=device)

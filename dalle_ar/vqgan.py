@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from . import io
-from .image_tokenizer import check_codes, check_images, check_state_dict
+from .checks import check_images, check_state_dict, check_tokens
 
 QUANTIZERS = ("vq", "gumbel", "fsq")
 RECON_LOSSES = ("l1", "l2")
@@ -516,7 +516,8 @@ class VQGAN(nn.Module):
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Integer codes [B, grid, grid] -> float32 images [B,C,H,W] in [0,1]."""
-        codes = check_codes(codes, self.grid_size, self.vocab_size)
+        g = self.grid_size
+        codes = check_tokens("codes", codes, (None, g, g), self.vocab_size, "vocab_size")
         return ((self.decode_latents(self._embed(codes)) + 1) / 2).clamp(0, 1)
 
     # -- training
@@ -559,7 +560,7 @@ class VQGAN(nn.Module):
         """Write config.json (kind "vqgan") + model.safetensors (`state_dict`, e.g. consolidated by the engine, or the module's)."""
         expected = self.state_dict()
         state_dict = expected if state_dict is None else state_dict
-        check_state_dict(state_dict, expected, "state_dict", "VQGANConfig")
+        check_state_dict(state_dict, expected, "state_dict", "the VQGANConfig")
         return io.save_pretrained(directory, self.config, state_dict)
 
     @classmethod

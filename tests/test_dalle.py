@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 
 import dalle_ar.transformer
 from dalle_ar.dalle import DALLE, DALLEConfig, sample_logits
+from dalle_ar.engine import param_groups
 from dalle_ar.transformer import build_mask
 
 T, G = 5, 4  # text_len, image grid (16 image tokens)
@@ -233,7 +234,7 @@ def test_overfits_four_pairs_and_greedy_generation_reproduces_them():
                               heads=4, attn_types=("row", "column", "conv"), conv_kernel=3, null_prob=0.0))
     text = torch.tensor([[5, 6, 7, 0, 0, 0], [5, 6, 8, 0, 0, 0], [9, 6, 7, 3, 0, 0], [9, 4, 0, 0, 0, 0]])
     codes = torch.randint(0, 16, (4, 4, 4), generator=seeded(5))
-    opt = torch.optim.AdamW(model.configure_optimizer_groups(0.01), lr=3e-3)
+    opt = torch.optim.AdamW(param_groups(model, 0.01), lr=3e-3)
     model.train()
     for _ in range(200):
         loss, parts = model(text, codes)
@@ -264,7 +265,7 @@ def test_caption_dropout_rate_and_null_caption():
 
 def test_optimizer_groups():
     model = make(tie_heads=True)
-    decay, no_decay = model.configure_optimizer_groups(0.1)
+    decay, no_decay = param_groups(model, 0.1)
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     ids = lambda ps: {id(p) for p in ps}  # noqa: E731
     assert not ids(decay["params"]) & ids(no_decay["params"])

@@ -309,7 +309,7 @@ def test_sigterm_checkpoints_and_exits_0_then_resumes(tmp_path, toy_env, uninter
 def test_two_processes_through_the_deepspeed_launcher(tmp_path, toy_env):
     out = tmp_path / "two"
     launcher = Path(sys.executable).with_name("deepspeed")
-    cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(engine._free_port()), str(TOY),
+    cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(engine.free_port()), str(TOY),
            "--out", str(out), "--steps", "8", "--save-every", "4", "--zero", "2"]
     run_ok(cmd, toy_env, timeout=180)
     logs = [toy_log(out, rank=r) for r in (0, 1)]

@@ -18,7 +18,7 @@ CAPTIONS = ["a small red circle in the top left", "a large blue square in the ce
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
     """tokenizer, dVAE, prior and a small CLIP, each saved in its own directory."""
-    from dalle_ar.rerank import SmallCLIPConfig, build_small_clip
+    from dalle_ar.clip import SmallCLIPConfig, build_small_clip
     from dalle_ar.tokenizer import TextTokenizer
 
     root = tmp_path_factory.mktemp("parts")

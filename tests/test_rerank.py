@@ -7,8 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from dalle_ar.rerank import (CLIPReranker, SmallCLIPConfig, build_small_clip, clip_inputs, clip_loss,
-                             retrieval_accuracy, retrieval_metrics)
+from dalle_ar.clip import (SmallCLIPConfig, build_small_clip, clip_inputs, clip_loss, retrieval_accuracy,
+                           retrieval_metrics)
+from dalle_ar.rerank import CLIPReranker
 from dalle_ar.tokenizer import TextTokenizer
 
 S, T = 32, 12  # image size, text length

@@ -11,7 +11,7 @@ import torch
 
 from dalle_ar.cli import main as cli_main
 from dalle_ar.train.stages import export_run, load_stage_config, route_overrides, run_stage
-from dalle_ar.demo import config_path
+from dalle_ar.train import config_path
 
 TINY = {
     "dvae": ["model.n_hid=8", "model.n_init=8", "model.vocab_size=32", "data.num_workers=0"],

@@ -18,13 +18,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tarfile
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers
+from tokenizers.models import BPE
+from tokenizers.trainers import BpeTrainer
 
+from dalle_ar.data.shards import expand_shards, tar_samples
 from dalle_ar.io import atomic_path, write_json
 
 log = logging.getLogger(__name__)
@@ -65,10 +67,6 @@ class TextTokenizer:
               dropout: Optional[float] = None) -> "TextTokenizer":
         """Train a BPE on `texts` (any iterable of captions). `dropout` is the BPE dropout that
         `encode(..., dropout=True)` applies (default 0.1, the paper's); training itself has none."""
-        from tokenizers import decoders, normalizers, pre_tokenizers
-        from tokenizers.models import BPE
-        from tokenizers.trainers import BpeTrainer
-
         if not isinstance(vocab_size, int) or vocab_size < 3:
             raise ValueError(f"vocab_size must be an integer >= 3, got {vocab_size!r}")
         if not isinstance(min_frequency, int) or min_frequency < 1:
@@ -315,8 +313,6 @@ def read_captions(shards_or_files, stats: Optional[dict] = None) -> Iterator[str
     Members that are not UTF-8 and unreadable tars are skipped and counted in `stats` (reason ->
     count, if given) and in a logged warning; blank lines are dropped.
     """
-    from dalle_ar.data.shards import expand_shards  # the shard loader's rules, one implementation
-
     skipped: dict[str, int] = stats if stats is not None else {}
     for path in expand_shards(shards_or_files):
         if not Path(path).is_file():
@@ -335,21 +331,21 @@ def read_captions(shards_or_files, stats: Optional[dict] = None) -> Iterator[str
 
 
 def _tar_captions(path: str, skipped: dict) -> Iterator[str]:
-    try:
-        with tarfile.open(path) as tar:
-            for member in tar:
-                # WebDataset key = the part of the base name after its first dot.
-                if not member.isfile() or Path(member.name).name.partition(".")[2] != "txt":
-                    continue
-                try:
-                    text = tar.extractfile(member).read().decode("utf-8")
-                except UnicodeDecodeError:
-                    skipped["not_utf8"] = skipped.get("not_utf8", 0) + 1
-                    continue
-                yield from _lines(text)
-    except (tarfile.TarError, EOFError, OSError) as e:
+    """The `txt` members of one tar, read through the data stage's reader (any sample, with or without an image)."""
+    def bad_tar(exn: BaseException) -> bool:
         skipped["bad_tar"] = skipped.get("bad_tar", 0) + 1
-        log.warning("read_captions: unreadable tar %s: %s", path, e)
+        log.warning("read_captions: unreadable tar %s: %s", path, exn)
+        return True
+
+    for raw in tar_samples([path], bad_tar):
+        if "txt" not in raw:
+            continue
+        try:
+            text = raw["txt"].decode("utf-8")
+        except UnicodeDecodeError:
+            skipped["not_utf8"] = skipped.get("not_utf8", 0) + 1
+            continue
+        yield from _lines(text)
 
 
 def _lines(text: str) -> Iterator[str]:

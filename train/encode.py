@@ -8,22 +8,19 @@ gives on the fly for the same sample.
 
 from __future__ import annotations
 
-import io
 import logging
 from pathlib import Path
 
-import numpy as np
 import torch
+
+from dalle_ar.data import iter_raw_samples, preprocess_image, write_samples
+from dalle_ar.dvae import DiscreteVAE
 
 log = logging.getLogger(__name__)
 
 
 def encode_shards(dvae_dir, shards, out, *, batch_size: int = 64, shard_size: int = 5000,
                   keep_images: bool = False, device=None, prefix: str | None = None) -> dict:
-    from dalle_ar.data import iter_raw_samples, write_samples
-    from dalle_ar.data.loader import preprocess_image
-    from dalle_ar.dvae import DiscreteVAE
-
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -1,13 +1,25 @@
-"""The three trainers. Each joins one model, one data pipeline and the shared engine.
+"""The trainers. Each stage is one class that joins one model, one data pipeline and the shared engine.
 
 A stage's config file is JSON with three sections, each a dataclass:
 
-    {"model": {... DVAEConfig | DALLEConfig | CLIP sizes ...},
+    {"model": {... DVAEConfig | DALLEConfig | SmallCLIPConfig ...},
      "train": {... dalle_ar.engine.TrainConfig ...},
-     "data":  {... DataConfig ...}}
+     "data":  {... the stage's DataConfig ...}}
 
 `key=value` overrides name a field as `section.field` (`model.dim=256`, `train.lr=3e-4`) or just
 `field` where only one section has it; `ds.<key>` overrides the DeepSpeed JSON.
+
+The stage contract (adding a stage = one class + one line in STAGES):
+
+    resolve(model_cfg, train_cfg, data_cfg) -> (model_cfg, train_cfg, data_cfg)
+        classmethod, pure: fills what the inputs decide (vocab sizes, grid, restart step). Its result
+        is what the run's stage.json records and what `dalle-ar export` rebuilds the model from.
+    build() -> Built(model, loss_fn, make_batches, hooks, export)
+        everything the engine needs, together; `export(dir)` adds what besides config.json +
+        model.safetensors the export needs.
+    eval_batch(model, batch) -> ({metric: batch mean}, batch size), plus optional eval_loader_kwargs()
+        and eval_summary(): one shared evaluation loop (`evaluate`) runs them over the val shards.
+    on_checkpoint(step, model, writer): sample grids (PNG + TensorBoard).
 """
 
 from __future__ import annotations
@@ -15,153 +27,130 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable
 
+import numpy as np
 import torch
 
-from dalle_ar.io import config_from_dict, write_json
+from dalle_ar import engine
+from dalle_ar.clip import SmallCLIPConfig, build_small_clip, clip_inputs, clip_loss, retrieval_accuracy
+from dalle_ar.dalle import DALLE, DALLEConfig
+from dalle_ar.data import ShardLoader, iter_raw_samples, preprocess_image, shards_have_codes
+from dalle_ar.dvae import DiscreteVAE, DVAEConfig, codebook_usage, psnr
+from dalle_ar.images import image_grid, to_pil
+from dalle_ar.io import config_from_dict, load_config, write_json
+from dalle_ar.tokenizer import TextTokenizer
+
+from .stage_config import CLIPDataConfig, DALLEDataConfig, DataConfig, route_overrides
 
 log = logging.getLogger(__name__)
 
 STAGE_FILE = "stage.json"
 
 
-@dataclass
-class DataConfig:
-    """How a stage reads its shards (model-independent)."""
-
-    image_size: int = 64
-    num_workers: int = 0
-    shuffle_buffer: int = 1000
-    random_crop: bool = False
-    resampled: bool = False          # infinite resampling (multi-node: equal steps per rank)
-    epoch_samples: Optional[int] = None
-    tokenizer: Optional[str] = None  # dalle, clip: tokenizer directory
-    dvae: Optional[str] = None       # dalle: frozen dVAE (encodes raw shards; gives grid and vocab)
-    text_len: int = 32               # clip: caption length in tokens (dalle uses model.text_len)
-    bpe_dropout: bool = False        # dalle: BPE dropout on training captions (paper: 0.1)
-    sample_prompts: tuple = ()       # prompts of the PNG/TensorBoard sample grids
-    sample_count: int = 8            # images per sample grid row / reconstructions shown
-
-
 # ---- config ------------------------------------------------------------------------------------
 
-def _model_config_cls(stage: str):
-    if stage == "dvae":
-        from dalle_ar.dvae import DVAEConfig
-        return DVAEConfig
-    if stage == "dalle":
-        from dalle_ar.dalle import DALLEConfig
-        return DALLEConfig
-    if stage == "clip":
-        from dalle_ar.rerank import SmallCLIPConfig
-        return SmallCLIPConfig
-    raise ValueError(f"stage must be one of dvae, dalle, clip; got {stage!r}")
-
-
-def route_overrides(overrides, sections: dict[str, set]) -> dict[str, list[str]]:
-    """Sort `key=value` overrides by section: `section.key`, `ds.<dotted key>`, or a bare `key`
-    that exactly one section has. Returns {section: ["key=value", ...]} (ds keys keep their dots)."""
-    routed: dict[str, list[str]] = {name: [] for name in (*sections, "ds")}
-    for item in overrides:
-        if not isinstance(item, str) or "=" not in item:
-            raise ValueError(f"override {item!r} is not key=value")
-        key, text = item.split("=", 1)
-        head, _, rest = key.partition(".")
-        if head == "ds" and rest:
-            routed["ds"].append(f"{rest}={text}")
-        elif head in sections and rest:
-            routed[head].append(f"{rest}={text}")
-        else:
-            owners = [name for name, fields in sections.items() if key in fields]
-            if len(owners) != 1:
-                raise ValueError(f"override {key!r}: " + ("unknown key" if not owners else
-                                 f"ambiguous, name the section: {[o + '.' + key for o in owners]}"))
-            routed[owners[0]].append(item)
-    return routed
+def _stage_class(stage: str) -> type["Stage"]:
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {sorted(STAGES)}, got {stage!r}")
+    return STAGES[stage]
 
 
 def load_stage_config(stage: str, config_file=None, overrides=()):
-    """-> (model config, TrainConfig, DataConfig, DeepSpeed overrides as a list of `key=value`)."""
-    from dalle_ar.engine import TrainConfig, apply_overrides
-
-    classes = {"model": _model_config_cls(stage), "train": TrainConfig, "data": DataConfig}
+    """-> (model config, TrainConfig, data config, DeepSpeed overrides as a list of `key=value`)."""
+    cls = _stage_class(stage)
+    classes = {"model": cls.model_config_cls, "train": engine.TrainConfig, "data": cls.data_config_cls}
     raw = json.loads(Path(config_file).read_text()) if config_file else {}
     unknown = set(raw) - set(classes)
     if unknown:
         raise ValueError(f"config {config_file}: unknown section(s) {sorted(unknown)}; use model/train/data")
-    routed = route_overrides(list(overrides), {name: {f.name for f in dataclasses.fields(cls)}
-                                               for name, cls in classes.items()})
-    configs = [apply_overrides(config_from_dict(cls, raw.get(name, {})), routed[name])
-               for name, cls in classes.items()]
+    routed = route_overrides(list(overrides), {name: {f.name for f in dataclasses.fields(c)}
+                                               for name, c in classes.items()})
+    configs = [engine.apply_overrides(config_from_dict(c, raw.get(name, {})), routed[name])
+               for name, c in classes.items()]
     return (*configs, routed["ds"])
 
 
-# ---- helpers shared by the stages -------------------------------------------------------------
+# ---- the contract ------------------------------------------------------------------------------
 
-def shards_have_codes(shards) -> bool:
-    """True if the first shard's first sample carries pre-encoded `codes.npy`."""
-    import tarfile
+@dataclass
+class Built:
+    """What `Stage.build()` hands the engine (and the export)."""
 
-    from dalle_ar.data import expand_shards
-
-    first = expand_shards(shards)[0]
-    if first.startswith("pipe:"):
-        return False
-    with tarfile.open(first) as tar:
-        for member in tar:
-            if member.name.endswith(".codes.npy"):
-                return True
-            if member.name.endswith((".png", ".jpg", ".jpeg", ".txt")):
-                continue
-    return False
+    model: torch.nn.Module
+    loss_fn: Callable
+    make_batches: Callable
+    hooks: dict
+    export: Callable[[Path], None]
 
 
 def save_grid(images: torch.Tensor, nrow: int, path: Path, writer=None, tag: str = "", step: int = 0,
               captions=None):
     """Save float [B,3,H,W] images as one PNG grid (and to TensorBoard when a writer is given), on rank 0
     only; `captions` go to a .txt beside it, one per row."""
-    from dalle_ar.engine import is_rank0
-    from dalle_ar.pipeline import image_grid, to_pil
-
-    if not is_rank0():
+    if not engine.is_rank0():
         return None
-
     pil = to_pil(images)
-    rows = [pil[i:i + nrow] for i in range(0, len(pil), nrow)]
-    sheet = image_grid(rows)
+    sheet = image_grid([pil[i:i + nrow] for i in range(0, len(pil), nrow)])
     path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path)
     if captions is not None:
         path.with_suffix(".txt").write_text("\n".join(captions) + "\n")
     if writer is not None:
-        import numpy as np
         writer.add_image(tag, np.asarray(sheet), step, dataformats="HWC")
     return path
 
 
-# ---- stages -------------------------------------------------------------------------------------
-
 class Stage:
-    """What the engine needs from a stage: a model, a loss, batches, hooks, and an export step."""
+    """One trainer: see the module docstring for the contract."""
 
     name = ""
+    model_config_cls: type = object
+    data_config_cls: type = DataConfig
 
-    def __init__(self, model_cfg, train_cfg, data_cfg, train_shards, val_shards, out):
+    def __init__(self, model_cfg, train_cfg, data_cfg, train_shards, val_shards, out, resolved: bool = False):
+        if not resolved:
+            model_cfg, train_cfg, data_cfg = self.resolve(model_cfg, train_cfg, data_cfg)
         self.model_cfg, self.train_cfg, self.data = model_cfg, train_cfg, data_cfg
         self.train_shards, self.val_shards = train_shards, val_shards
         self.out = Path(out)
         self.loader = None
 
-    # subclasses: build_model, loss_fn, on_checkpoint, evaluate
+    @classmethod
+    def resolve(cls, model_cfg, train_cfg, data_cfg):
+        return model_cfg, train_cfg, data_cfg
+
+    def record(self) -> dict:
+        """The resolved configs, as stage.json keeps them."""
+        return {"model": dataclasses.asdict(self.model_cfg), "train": dataclasses.asdict(self.train_cfg),
+                "data": dataclasses.asdict(self.data)}
+
+    def build(self) -> Built:
+        model = self.build_model()
+        return Built(model, self.loss_fn, self.make_batches,
+                     {"on_checkpoint": self.on_checkpoint, "skipped_counts": self.skipped_counts},
+                     self.finish_export)
+
+    # subclasses: build_model, loss_fn, eval_batch, on_checkpoint
+    def build_model(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def loss_fn(self, model, batch, step):
+        raise NotImplementedError
+
+    def finish_export(self, export_dir: Path) -> None:
+        """Anything besides config.json + model.safetensors that the export needs."""
+
+    def on_checkpoint(self, step, model, writer):
+        pass
+
+    # ---- data
     def loader_kwargs(self) -> dict:
         return {}
 
     def make_loader(self, shards, training=True, **extra):
-        from dalle_ar.data import ShardLoader
-
         d = self.data
         kw = dict(batch_size=self.train_cfg.batch_size, image_size=d.image_size, num_workers=d.num_workers,
                   shuffle_buffer=d.shuffle_buffer if training else 0, shardshuffle=training,
@@ -186,9 +175,6 @@ class Stage:
 
         Read without rank splitting, so every rank holds the same batch (ZeRO-3 hooks run on all ranks).
         """
-        from dalle_ar.data import iter_raw_samples
-        from dalle_ar.data.loader import preprocess_image
-
         images, captions = [], []
         for sample in iter_raw_samples(self.val_shards or self.train_shards):
             if sample["image"] is not None:
@@ -198,106 +184,98 @@ class Stage:
                 break
         return {"image": torch.stack(images) if images else None, "caption": captions}
 
-    def finish_export(self, export_dir: Path) -> None:
-        """Anything besides config.json + model.safetensors that the export needs."""
-
-    def evaluate(self, model) -> dict:
+    # ---- evaluation: one loop, per-stage batch metrics
+    def eval_loader_kwargs(self) -> dict:
         return {}
 
-    def hooks(self):
-        return {"on_checkpoint": self.on_checkpoint, "skipped_counts": self.skipped_counts}
+    def eval_batch(self, model, batch) -> tuple[dict, int]:
+        raise NotImplementedError
 
-    def on_checkpoint(self, step, model, writer):
-        pass
-
-
-class DVAEStage(Stage):
-    name = "dvae"
-
-    def __init__(self, *a, **kw):
-        super().__init__(*a, **kw)
-        # The decoder-only phase wants a fresh LR schedule: restart it there unless train.restart_at says.
-        hard = self.model_cfg.hard_codes_from_step
-        if hard and not self.train_cfg.restart_at:
-            self.train_cfg = dataclasses.replace(self.train_cfg, restart_at=hard)
-
-    def build_model(self):
-        from dalle_ar.dvae import DiscreteVAE
-
-        if self.model_cfg.image_size != self.data.image_size:
-            self.data = dataclasses.replace(self.data, image_size=self.model_cfg.image_size)
-        return DiscreteVAE(self.model_cfg)
-
-    def loss_fn(self, model, batch, step):
-        # Channels-last activations: ~1.15x faster dVAE steps on this 2-core CPU. (Channels-last weights
-        # would be faster still, but DeepSpeed's broadcast and ZeRO's flat buffers want contiguous ones.)
-        return model(batch["image"].contiguous(memory_format=torch.channels_last), step=step)
-
-    def loader_kwargs(self):
-        return {"image_size": self.model_cfg.image_size}
+    def eval_summary(self, n: int) -> dict:
+        return {}
 
     @torch.no_grad()
-    def on_checkpoint(self, step, model, writer):
-        batch = self.fixed_batch(self.data.sample_count)
-        x = batch["image"].to(next(model.parameters()).device)
-        was = model.training
-        model.eval()
-        recon = model.decode(model.encode(x))
-        model.train(was)
-        save_grid(torch.cat([x, recon.float()]).cpu(), x.shape[0], self.out / "samples" / f"step{step:08d}.png",
-                  writer, "dvae/originals_vs_reconstructions", step)
-
-    @torch.no_grad()
-    def evaluate(self, model):
-        from dalle_ar.dvae import codebook_usage, psnr
-
+    def evaluate(self, model) -> dict:
+        """Size-weighted means of eval_batch over the val shards, as val_<metric> (+ eval_summary)."""
         if not self.val_shards:
             return {}
         model.eval()
-        dev = next(model.parameters()).device
-        scores, codes = [], []
-        for batch in self.make_loader(self.val_shards, training=False, num_workers=0):
-            x = batch["image"].to(dev)
-            c = model.encode(x)
-            codes.append(c.cpu())
-            scores.append(float(psnr(model.decode(c).float(), x)) * x.shape[0])
-        n = sum(c.shape[0] for c in codes)
-        usage = codebook_usage(torch.cat(codes), model.config.vocab_size)
-        return {"val_psnr": sum(scores) / max(n, 1), "val_images": n, **{f"codebook_{k}": float(v) for k, v in usage.items()}}
+        sums, n = {}, 0
+        for batch in self.make_loader(self.val_shards, training=False, num_workers=0, **self.eval_loader_kwargs()):
+            metrics, size = self.eval_batch(model, batch)
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * size
+            n += size
+        return {f"val_{k}": v / max(n, 1) for k, v in sums.items()} | self.eval_summary(n)
+
+
+# ---- stages -------------------------------------------------------------------------------------
+
+class DVAEStage(Stage):
+    name = "dvae"
+    model_config_cls = DVAEConfig
+
+    @classmethod
+    def resolve(cls, model_cfg, train_cfg, data_cfg):
+        # The decoder-only phase wants a fresh LR schedule: restart it there unless train.restart_at says.
+        hard = model_cfg.hard_codes_from_step
+        if hard and not train_cfg.restart_at:
+            train_cfg = dataclasses.replace(train_cfg, restart_at=hard)
+        return model_cfg, train_cfg, dataclasses.replace(data_cfg, image_size=model_cfg.image_size)
+
+    def build_model(self):
+        self.val_codes = []  # every val batch's codes, for codebook usage
+        return DiscreteVAE(self.model_cfg)
+
+    def loss_fn(self, model, batch, step):
+        # Channels-last activations run faster on CPU; the weights stay contiguous for DeepSpeed's
+        # broadcast and ZeRO's flat buffers.
+        return model(batch["image"].contiguous(memory_format=torch.channels_last), step=step)
+
+    @torch.no_grad()
+    def on_checkpoint(self, step, model, writer):
+        x = self.fixed_batch(self.data.sample_count)["image"].to(next(model.parameters()).device)
+        recon = model.decode(model.encode(x))
+        save_grid(torch.cat([x, recon.float()]).cpu(), x.shape[0], self.out / "samples" / f"step{step:08d}.png",
+                  writer, "dvae/originals_vs_reconstructions", step)
+
+    def eval_batch(self, model, batch):
+        x = batch["image"].to(next(model.parameters()).device)
+        codes = model.encode(x)
+        self.val_codes.append(codes.cpu())
+        return {"psnr": psnr(model.decode(codes).float(), x)}, x.shape[0]
+
+    def eval_summary(self, n):
+        usage = codebook_usage(torch.cat(self.val_codes), self.model_cfg.vocab_size) if self.val_codes else {}
+        self.val_codes = []
+        return {"val_images": n, **{f"codebook_{k}": float(v) for k, v in usage.items()}}
 
 
 class DALLEStage(Stage):
     name = "dalle"
+    model_config_cls = DALLEConfig
+    data_config_cls = DALLEDataConfig
 
-    def __init__(self, *a, **kw):
-        super().__init__(*a, **kw)
-        from dalle_ar.dvae import DiscreteVAE
-        from dalle_ar.tokenizer import TextTokenizer
-
-        if not self.data.tokenizer or not self.data.dvae:
+    @classmethod
+    def resolve(cls, model_cfg, train_cfg, data_cfg):
+        """The model's vocabularies and grid follow the tokenizer and the dVAE unless set."""
+        if not data_cfg.tokenizer or not data_cfg.dvae:
             raise ValueError("the dalle stage needs data.tokenizer and data.dvae (paths to trained ones)")
-        self.tokenizer = TextTokenizer.from_pretrained(self.data.tokenizer)
-        self.dvae = DiscreteVAE.from_pretrained(self.data.dvae).eval().requires_grad_(False)
-        # The model's vocabularies and grid follow the tokenizer and the dVAE unless set.
-        fill = {}
-        if not self.model_cfg.text_vocab_size:
-            fill["text_vocab_size"] = self.tokenizer.vocab_size
-        if not self.model_cfg.image_vocab_size:
-            fill["image_vocab_size"] = self.dvae.config.vocab_size
-        if not self.model_cfg.image_grid:
-            fill["image_grid"] = self.dvae.grid_size
-        self.model_cfg = dataclasses.replace(self.model_cfg, **fill)
-        if self.model_cfg.image_vocab_size != self.dvae.config.vocab_size or self.model_cfg.image_grid != self.dvae.grid_size:
+        text_vocab = TextTokenizer.from_pretrained(data_cfg.tokenizer).vocab_size
+        dvae = load_config(data_cfg.dvae, DVAEConfig)
+        fill = {k: v for k, v in (("text_vocab_size", text_vocab), ("image_vocab_size", dvae.vocab_size),
+                                  ("image_grid", dvae.grid_size)) if not getattr(model_cfg, k)}
+        model_cfg = dataclasses.replace(model_cfg, **fill)
+        if model_cfg.image_vocab_size != dvae.vocab_size or model_cfg.image_grid != dvae.grid_size:
             raise ValueError("model.image_vocab_size / model.image_grid disagree with the dVAE")
-        if self.tokenizer.vocab_size > self.model_cfg.text_vocab_size:
-            raise ValueError(f"model.text_vocab_size={self.model_cfg.text_vocab_size} < tokenizer vocab "
-                             f"{self.tokenizer.vocab_size}")
-        self.data = dataclasses.replace(self.data, image_size=self.dvae.config.image_size)
-        self.codes = shards_have_codes(self.train_shards)
+        if text_vocab > model_cfg.text_vocab_size:
+            raise ValueError(f"model.text_vocab_size={model_cfg.text_vocab_size} < tokenizer vocab {text_vocab}")
+        return model_cfg, train_cfg, dataclasses.replace(data_cfg, image_size=dvae.image_size)
 
     def build_model(self):
-        from dalle_ar.dalle import DALLE
-
+        self.tokenizer = TextTokenizer.from_pretrained(self.data.tokenizer)
+        self.dvae = DiscreteVAE.from_pretrained(self.data.dvae).eval().requires_grad_(False)
+        self.codes = shards_have_codes(self.train_shards)  # pre-encoded by `dalle-ar encode`
         return DALLE(self.model_cfg)
 
     def loader_kwargs(self):
@@ -306,10 +284,10 @@ class DALLEStage(Stage):
 
     def batch_codes(self, batch, device):
         if "codes" in batch:
-            return batch["codes"]
+            return batch["codes"].to(device)
         self.dvae.to(device)
         with torch.no_grad():
-            return self.dvae.encode(batch["image"].float())
+            return self.dvae.encode(batch["image"].to(device).float())
 
     def loss_fn(self, model, batch, step):
         return model(batch["text"], self.batch_codes(batch, batch["text"].device))
@@ -317,8 +295,7 @@ class DALLEStage(Stage):
     def prompts(self):
         if self.data.sample_prompts:
             return list(self.data.sample_prompts)
-        batch = self.fixed_batch(self.data.sample_count)
-        return list(batch["caption"])
+        return list(self.fixed_batch(self.data.sample_count)["caption"])
 
     @torch.no_grad()
     def on_checkpoint(self, step, model, writer):
@@ -332,81 +309,62 @@ class DALLEStage(Stage):
         save_grid(images, 4, self.out / "samples" / f"step{step:08d}.png", writer, "dalle/samples", step,
                   captions=prompts)
 
-    @torch.no_grad()
-    def evaluate(self, model):
-        if not self.val_shards:
-            return {}
-        model.eval()
+    def eval_loader_kwargs(self):
+        return {"decode_images": not shards_have_codes(self.val_shards)}
+
+    def eval_batch(self, model, batch):
         dev = next(model.parameters()).device
-        tot = {"loss_text": 0.0, "loss_image": 0.0}
-        n = 0
-        loader = self.make_loader(self.val_shards, training=False, num_workers=0,
-                                  decode_images=not shards_have_codes(self.val_shards))
-        for batch in loader:
-            text = batch["text"].to(dev)
-            codes = batch["codes"].to(dev) if "codes" in batch else self.batch_codes({"image": batch["image"].to(dev)}, dev)
-            _, parts = model(text, codes)
-            for k in tot:
-                tot[k] += float(parts[k]) * text.shape[0]
-            n += text.shape[0]
-        return {f"val_{k}": v / max(n, 1) for k, v in tot.items()} | {"val_samples": n}
+        text = batch["text"].to(dev)
+        _, parts = model(text, self.batch_codes(batch, dev))
+        return {k: parts[k] for k in ("loss_text", "loss_image")}, text.shape[0]
+
+    def eval_summary(self, n):
+        return {"val_samples": n}
 
 
 class CLIPStage(Stage):
     name = "clip"
+    model_config_cls = SmallCLIPConfig
+    data_config_cls = CLIPDataConfig
 
-    def __init__(self, *a, **kw):
-        super().__init__(*a, **kw)
-        from dalle_ar.tokenizer import TextTokenizer
-
-        if not self.data.tokenizer:
+    @classmethod
+    def resolve(cls, model_cfg, train_cfg, data_cfg):
+        if not data_cfg.tokenizer:
             raise ValueError("the clip stage needs data.tokenizer (a trained tokenizer directory)")
-        self.tokenizer = TextTokenizer.from_pretrained(self.data.tokenizer)
+        return model_cfg, train_cfg, data_cfg
 
     def build_model(self):
-        from dalle_ar.rerank import build_small_clip
+        tokenizer = TextTokenizer.from_pretrained(self.data.tokenizer)
+        model, self.clip_tokenizer, self.processor = build_small_clip(
+            tokenizer, self.model_cfg, image_size=self.data.image_size, text_len=self.data.text_len)
+        return model
 
-        self.model, self.clip_tokenizer, self.processor = build_small_clip(
-            self.tokenizer, self.model_cfg, image_size=self.data.image_size, text_len=self.data.text_len)
-        return self.model
+    def inputs(self, images, captions):
+        return clip_inputs(images, captions, self.clip_tokenizer, self.processor, text_len=self.data.text_len)
 
     def loss_fn(self, model, batch, step):
-        from dalle_ar.rerank import clip_inputs, clip_loss
-
-        return clip_loss(model, **clip_inputs(batch["image"], batch["caption"], self.clip_tokenizer,
-                                              self.processor, text_len=self.data.text_len))
+        return clip_loss(model, **self.inputs(batch["image"], batch["caption"]))
 
     def finish_export(self, export_dir):
         self.clip_tokenizer.save_pretrained(export_dir)
         self.processor.save_pretrained(export_dir)
 
-    @torch.no_grad()
-    def evaluate(self, model):
-        from dalle_ar.rerank import clip_inputs, retrieval_accuracy
+    def eval_batch(self, model, batch):
+        inputs = self.inputs(batch["image"].to(next(model.parameters()).device), batch["caption"])
+        return {"retrieval_top1": retrieval_accuracy(model, **inputs)}, len(batch["caption"])
 
-        if not self.val_shards:
-            return {}
-        model.eval()
-        dev = next(model.parameters()).device
-        acc, n = 0.0, 0
-        for batch in self.make_loader(self.val_shards, training=False, num_workers=0):
-            inputs = clip_inputs(batch["image"].to(dev), batch["caption"], self.clip_tokenizer, self.processor,
-                                 text_len=self.data.text_len)
-            acc += retrieval_accuracy(model, **inputs) * len(batch["caption"])
-            n += len(batch["caption"])
-        return {"val_retrieval_top1": acc / max(n, 1), "val_batch": self.train_cfg.batch_size, "val_samples": n}
+    def eval_summary(self, n):
+        return {"val_batch": self.train_cfg.batch_size, "val_samples": n}
 
 
 STAGES = {"dvae": DVAEStage, "dalle": DALLEStage, "clip": CLIPStage}
 
 
+# ---- running and exporting -------------------------------------------------------------------------
+
 def run_stage(stage: str, train_shards, out, *, val_shards=None, config_file=None, ds_config=None,
               overrides=(), steps=None, batch_size=None, save_every=None, resume=False) -> dict:
     """Train one stage through the shared engine, export it to OUT/export, evaluate; returns a summary."""
-    from dalle_ar import engine
-
-    if stage not in STAGES:
-        raise ValueError(f"stage must be one of {sorted(STAGES)}, got {stage!r}")
     overrides = list(overrides)
     for name, value in (("steps", steps), ("batch_size", batch_size), ("save_every", save_every)):
         if value is not None:
@@ -414,43 +372,43 @@ def run_stage(stage: str, train_shards, out, *, val_shards=None, config_file=Non
     model_cfg, train_cfg, data_cfg, ds_over = load_stage_config(stage, config_file, overrides)
     out = Path(out)
     st = STAGES[stage](model_cfg, train_cfg, data_cfg, train_shards, val_shards, out)
-    train_cfg = st.train_cfg  # as the stage completed it
-    engine.seed_everything(train_cfg.seed)  # initial weights follow train.seed
-    model = st.build_model()
+    engine.seed_everything(st.train_cfg.seed)  # initial weights follow train.seed
+    built = st.build()
     out.mkdir(parents=True, exist_ok=True)
     if engine.is_rank0():
-        write_json(out / STAGE_FILE, {
-            "stage": stage, "train_shards": train_shards, "val_shards": val_shards,
-            "config": {"model": dataclasses.asdict(st.model_cfg), "train": dataclasses.asdict(train_cfg),
-                       "data": dataclasses.asdict(st.data)}})
-    result = engine.train(model, st.loss_fn, st.make_batches, train_cfg, out,
-                          ds_config=engine.load_ds_config(ds_config, ds_over), hooks=st.hooks(), resume=resume)
+        write_json(out / STAGE_FILE, {"stage": stage, "train_shards": train_shards, "val_shards": val_shards,
+                                      "config": st.record()})
+    result = engine.train(built.model, built.loss_fn, built.make_batches, st.train_cfg, out,
+                          ds_config=engine.load_ds_config(ds_config, ds_over), hooks=built.hooks, resume=resume)
     if result.get("export_dir") and engine.is_rank0():
-        st.finish_export(Path(result["export_dir"]))
-        metrics = st.evaluate(model)
+        built.export(Path(result["export_dir"]))
+        metrics = st.evaluate(built.model)
         if metrics:
             write_json(out / "metrics.json", metrics)
             result["metrics"] = metrics
     return result
 
 
-def export_run(run_dir, out) -> Path:
-    """`dalle-ar export`: consolidate the newest complete checkpoint of a run into OUT."""
-    from dalle_ar import engine
+def _recorded(cls: type, d: dict):
+    """A config from stage.json; runs recorded before the data configs were split per stage carry
+    other stages' (unused) data fields, which are dropped."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return config_from_dict(cls, {k: v for k, v in d.items() if k in names})
 
+
+def export_run(run_dir, out) -> Path:
+    """`dalle-ar export`: consolidate the newest complete checkpoint of a run into OUT, with the
+    configs its stage.json recorded."""
     run_dir = Path(run_dir)
     meta_path = next((p / STAGE_FILE for p in (run_dir, run_dir.parent) if (p / STAGE_FILE).is_file()), None)
     if meta_path is None:
         raise ValueError(f"{run_dir} is not a training run: no {STAGE_FILE} in it or its parent")
     meta = json.loads(meta_path.read_text())
-    model_cfg, train_cfg, data_cfg, _ = load_stage_config(meta["stage"])
-    cfg = meta["config"]
-    model_cfg = config_from_dict(type(model_cfg), cfg["model"])
-    train_cfg = config_from_dict(type(train_cfg), cfg["train"])
-    data_cfg = config_from_dict(DataConfig, cfg["data"])
-    st = STAGES[meta["stage"]](model_cfg, train_cfg, data_cfg, meta["train_shards"], meta.get("val_shards"),
-                               meta_path.parent)
-    model = st.build_model()
-    engine.export_checkpoint(meta_path.parent, model, out)
-    st.finish_export(Path(out))
+    cls, cfg = _stage_class(meta["stage"]), meta["config"]
+    st = cls(config_from_dict(cls.model_config_cls, cfg["model"]), config_from_dict(engine.TrainConfig, cfg["train"]),
+             _recorded(cls.data_config_cls, cfg["data"]), meta["train_shards"], meta.get("val_shards"),
+             meta_path.parent, resolved=True)
+    built = st.build()
+    engine.export_checkpoint(meta_path.parent, built.model, out)
+    built.export(Path(out))
     return Path(out)

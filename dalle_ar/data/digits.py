@@ -13,6 +13,8 @@ import random
 import numpy as np
 from PIL import Image
 
+from .writers import write_samples
+
 SIZE = 64
 MARGIN = 6  # black border, so strokes do not touch the frame
 VAL_EVERY = 5
@@ -60,8 +62,6 @@ def generate_digits(out, seed: int = 0, shard_size: int = 500) -> dict:
 
     The split is fixed (every 5th scan is validation); the seed only orders the samples.
     """
-    from .shards import write_samples
-
     images, labels = load_scans()
     summary = {"seed": seed}
     for split in ("train", "val"):

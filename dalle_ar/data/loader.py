@@ -20,7 +20,9 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
+import webdataset as wds
 from PIL import Image
+from webdataset.utils import pytorch_worker_info
 
 from .shards import (BadSample, CountingHandler, count, decode_captions, decode_codes, decode_image,
                      expand_shards, image_bytes, tar_samples, to_rgb)
@@ -71,8 +73,6 @@ class _ShardStream(torch.utils.data.IterableDataset):
     def _shard_urls(self, rank, world, worker, workers):
         """(urls this worker reads, sample filter or None). Shards are split when there are enough
         of them; otherwise every worker reads all shards and keeps every n-th sample."""
-        import webdataset as wds
-
         o = self.o
         urls = list(self.urls)
         if o["resampled"]:
@@ -115,8 +115,6 @@ class _ShardStream(torch.utils.data.IterableDataset):
         return sum(sizes[worker::workers])
 
     def __iter__(self) -> Iterator[dict]:
-        from webdataset.utils import pytorch_worker_info
-
         o = self.o
         rank, world, worker, workers = pytorch_worker_info()  # RANK/WORLD_SIZE env or torch.distributed
         urls, sample_split = self._shard_urls(rank, world, worker, workers)
@@ -155,8 +153,6 @@ class _ShardStream(torch.utils.data.IterableDataset):
 
         stream = decoded()
         if o["shuffle_buffer"] > 1:
-            import webdataset as wds
-
             stream = wds.shuffle(o["shuffle_buffer"], min(100, o["shuffle_buffer"]), rng=rng)(stream)
         batch, sent = [], 0
         for sample in stream:

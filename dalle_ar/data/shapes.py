@@ -14,6 +14,9 @@ import re
 import numpy as np
 from PIL import Image
 
+from .shards import to_rgb
+from .writers import write_samples
+
 CANVAS = 64
 PALETTE = {
     "red": (220, 20, 20), "green": (20, 180, 20), "blue": (30, 60, 230), "yellow": (240, 220, 20),
@@ -144,8 +147,6 @@ def _png(array: np.ndarray) -> bytes:
 
 def generate_shapes(out, train_size: int = 20000, val_size: int = 1000, shard_size: int = 1000, seed: int = 0) -> dict:
     """Write shapes-train-*.tar and shapes-val-*.tar into `out`; byte-identical for the same arguments."""
-    from .shards import write_samples
-
     for name, value in (("train_size", train_size), ("val_size", val_size)):
         if value < 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
@@ -190,7 +191,6 @@ MIN_PURITY = 0.6         # the named colours must make up this share of all colo
 def _as_uint8(image) -> np.ndarray:
     """PIL image, float tensor/array [3,H,W] or [H,W,3] in [0,1], or uint8 array -> uint8 [64,64,3]."""
     if isinstance(image, Image.Image):
-        from .shards import to_rgb
         array = np.asarray(to_rgb(image))
     else:
         array = np.asarray(image.detach().cpu() if hasattr(image, "detach") else image)

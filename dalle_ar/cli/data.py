@@ -44,7 +44,7 @@ def add_parser(subparsers) -> None:
 
 
 def _report(out, summary: dict) -> int:
-    from dalle_ar.io import write_json
+    from dalle_ar.io import write_json  # torch: loaded by the commands, not by --help
 
     write_json(f"{out}/summary.json", summary)
     print(json.dumps(summary, indent=2, sort_keys=True))
@@ -52,27 +52,27 @@ def _report(out, summary: dict) -> int:
 
 
 def _folder(args) -> int:
-    from .shards import write_folder
+    from dalle_ar.data.writers import write_folder
 
     return _report(args.out, write_folder(args.src, args.out, shard_size=args.shard_size, resize=args.resize,
                                           prefix=args.prefix))
 
 
 def _csv(args) -> int:
-    from .shards import write_csv
+    from dalle_ar.data.writers import write_csv
 
     return _report(args.out, write_csv(args.file, args.out, shard_size=args.shard_size, resize=args.resize,
                                        prefix=args.prefix))
 
 
 def _shapes(args) -> int:
-    from .shapes import generate_shapes
+    from dalle_ar.data.shapes import generate_shapes
 
     return _report(args.out, generate_shapes(args.out, train_size=args.train_size, val_size=args.val_size,
                                              shard_size=args.shard_size, seed=args.seed))
 
 
 def _digits(args) -> int:
-    from .digits import generate_digits
+    from dalle_ar.data.digits import generate_digits
 
     return _report(args.out, generate_digits(args.out, seed=args.seed, shard_size=args.shard_size))

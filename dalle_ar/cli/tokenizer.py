@@ -21,7 +21,7 @@ def add_parser(subparsers) -> None:
 
 
 def _train(args) -> int:
-    from .bpe import TextTokenizer, read_captions
+    from dalle_ar.tokenizer import TextTokenizer, read_captions
 
     stats: dict = {}
     tok = TextTokenizer.train(read_captions(args.shards or args.files, stats), vocab_size=args.vocab_size,

@@ -14,6 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 
+from dalle_ar.train import STAGE_NAMES
+
+from .common import parse_args, split_shards
+
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-shards", required=True, help="brace pattern or comma list of shard paths/URLs")
@@ -31,11 +35,40 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="override a config field: model.dim=256, train.lr=3e-4, ds.zero_optimization.stage=3")
 
 
-def split_shards(text):
-    if text is None:
-        return None
-    return [s for s in text.split(",") if s] if "," in text and "{" not in text else text
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("train", help="train a stage (dvae, dalle, clip) through the DeepSpeed engine",
+                              description="\n\n".join(__doc__.split("\n\n")[1:3]),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("stage", choices=list(STAGE_NAMES))
+    add_train_arguments(p)
+    p.set_defaults(func=_train)
 
+    p = subparsers.add_parser("export", help="consolidate a run's newest checkpoint into config.json + model.safetensors")
+    p.add_argument("ckpt_dir", metavar="CKPT_DIR", help="a run folder (from `dalle-ar train`) or its checkpoints/")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_export)
+
+    p = subparsers.add_parser("encode", help="pre-encode shards with a dVAE (adds codes.npy to each sample)")
+    p.add_argument("--dvae", required=True, help="dVAE directory (config.json + model.safetensors)")
+    p.add_argument("--shards", required=True, help="brace pattern or comma list of input shards")
+    p.add_argument("--out", required=True, help="output folder for the code shards")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--shard-size", type=int, default=5000)
+    p.add_argument("--keep-images", action="store_true", help="also copy the image bytes")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=_encode)
+
+
+def entry_main(stage: str, argv=None) -> int:
+    """main() of train/train_<stage>.py: the train command for one stage, under any launcher."""
+    p = argparse.ArgumentParser(prog=f"train_{stage}.py", description=f"Train the {stage} stage.")
+    add_train_arguments(p)
+    args = parse_args(p, argv)
+    args.stage = stage
+    return _train(args)
+
+
+# Handlers: the stages pull in torch, transformers and DeepSpeed, so they load when a command runs.
 
 def _train(args) -> int:
     from dalle_ar.train.stages import run_stage
@@ -47,39 +80,12 @@ def _train(args) -> int:
     return 0
 
 
-def add_train_parser(subparsers) -> None:
-    p = subparsers.add_parser("train", help="train a stage (dvae, dalle, clip) through the DeepSpeed engine",
-                              description="\n\n".join(__doc__.split("\n\n")[1:3]),
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=["dvae", "dalle", "clip"])
-    add_train_arguments(p)
-    p.set_defaults(func=_train)
-
-
-def entry_main(stage: str, argv=None) -> int:
-    """main() of train/train_<stage>.py: the train command for one stage, under any launcher."""
-    p = argparse.ArgumentParser(prog=f"train_{stage}.py", description=f"Train the {stage} stage.")
-    add_train_arguments(p)
-    from dalle_ar.cli import parse_args
-
-    args = parse_args(p, argv)
-    args.stage = stage
-    return _train(args)
-
-
 def _export(args) -> int:
     from dalle_ar.train.stages import export_run
 
     out = export_run(args.ckpt_dir, args.out)
     print(f"exported to {out}")
     return 0
-
-
-def add_export_parser(subparsers) -> None:
-    p = subparsers.add_parser("export", help="consolidate a run's newest checkpoint into config.json + model.safetensors")
-    p.add_argument("ckpt_dir", metavar="CKPT_DIR", help="a run folder (from `dalle-ar train`) or its checkpoints/")
-    p.add_argument("--out", required=True)
-    p.set_defaults(func=_export)
 
 
 def _encode(args) -> int:
@@ -89,16 +95,3 @@ def _encode(args) -> int:
                             shard_size=args.shard_size, keep_images=args.keep_images, device=args.device)
     print(json.dumps(summary, indent=2))
     return 0
-
-
-def add_encode_parser(subparsers) -> None:
-    p = subparsers.add_parser("encode", help="pre-encode shards with a dVAE (adds codes.npy to each sample)")
-    p.add_argument("--dvae", required=True, help="dVAE directory (config.json + model.safetensors)")
-    p.add_argument("--shards", required=True, help="brace pattern or comma list of input shards")
-    p.add_argument("--out", required=True, help="output folder for the code shards")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--shard-size", type=int, default=5000)
-    p.add_argument("--keep-images", action="store_true", help="also copy the image bytes")
-    p.add_argument("--device", default=None)
-    p.set_defaults(func=_encode)
-

@@ -1,0 +1,23 @@
+"""`dalle-ar demo`: the whole recipe on a built-in set, on a CPU, with no download."""
+
+from __future__ import annotations
+
+BUDGET_NAMES = ("default", "fast")  # the keys of dalle_ar.demo.BUDGETS (a test holds them equal)
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("demo", help="train and sample the whole pipeline on a built-in set (CPU, no download)",
+                              description=__doc__)
+    p.add_argument("--out", required=True, help="demo folder (re-running resumes finished stages)")
+    p.add_argument("--data", choices=["shapes", "digits"], default="shapes")
+    p.add_argument("--budget", choices=sorted(BUDGET_NAMES), default="default",
+                   help="default: ~15 min on 2 CPU cores; fast: ~2 min smoke run")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_demo)
+
+
+def _demo(args) -> int:
+    from dalle_ar.demo import run_demo  # trains every stage: torch, transformers, DeepSpeed
+
+    run_demo(args.out, data=args.data, budget=args.budget, seed=args.seed)
+    return 0

@@ -1,0 +1,54 @@
+"""The one training loop: every stage (dVAE, prior, CLIP) trains through `train()` on a DeepSpeed engine.
+
+    summary = train(model, loss_fn, make_batches, TrainConfig(...), out_dir)
+
+The contract for stage authors:
+
+- `model`: an nn.Module with `.save_pretrained(dir, state_dict=None)` (the export writes
+  `config.json` + `model.safetensors` through it).
+- `loss_fn(model, batch, step) -> (loss, parts)`. `model` is the DeepSpeed engine: call it like the
+  module (`model(x, ...)` runs `module.forward` through the engine); attributes and methods pass
+  through to the module (`model.config`, `model.encode`). The loss must come from calling
+  `model(...)`: under ZeRO the engine's forward installs the backward hooks ZeRO needs (a forward
+  through `engine.module(...)` gives wrong ZeRO-3 updates with gradient accumulation).
+  `batch` is what `make_batches` yielded with every tensor moved to the engine's device (floating
+  tensors cast to bf16/fp16 under `precision=bf16|fp16`). `parts` are scalars to log.
+- `make_batches(epoch) -> iterable`: one pass over this rank's data (rank splitting is the
+  loader's job); when it ends the engine calls `make_batches(epoch + 1)`. One batch = one
+  micro-batch; `cfg.grad_accum` of them make one optimizer step.
+- `hooks` (dict or object, every entry optional), called on EVERY rank (ZeRO-3 forwards need all
+  ranks); write files only where `writer is not None` (rank 0):
+    on_step(step, parts)               after each optimizer step, parts as floats (this rank's mean)
+    on_checkpoint(step, model, writer) after each complete checkpoint; `model` is the module (eval
+                                       mode, no grad), `writer` the TensorBoard SummaryWriter or None
+    skipped_counts() -> dict           the loader's skip counters; summed over ranks and logged
+- `out_dir` receives `checkpoints/step00001000/` (DeepSpeed checkpoints; a tag counts only once it
+  holds the `complete` marker), `tb/` (TensorBoard), `export/` (config.json + model.safetensors, fp32).
+
+Non-finite losses are caught before backward on every rank alike: the micro-batch is dropped (with
+grad_accum=1 the step is skipped) and counted; `max_nonfinite` in a row raise RuntimeError. Under fp16,
+DeepSpeed's dynamic loss scaling skips steps whose gradients overflow; those count as skipped_steps.
+SIGTERM/SIGINT finish the current step, checkpoint and return with summary["interrupted"] = True.
+
+The package, one module per concern (stage code imports from `dalle_ar.engine` only):
+
+    config.py            TrainConfig, lr_at (the schedule), apply_overrides (`key=value`)
+    deepspeed_config.py  load_ds_config, resolve_ds_config (the DeepSpeed JSON agrees with TrainConfig)
+    dist.py              init_distributed, is_rank0, and the collectives the loop agrees with
+    optim.py             param_groups: the one weight-decay rule
+    checkpoint.py        RunState, tags + `complete` markers, RNG state, export_checkpoint
+    loop.py              train(), its Meter (logging) and the micro-batch stepper
+"""
+
+from .checkpoint import (COMPLETE, FP32_FILE, STATE_FILE, TAG_RE, RunState, export_checkpoint,
+                         latest_checkpoint, seed_everything)
+from .config import PRECISIONS, SCHEDULES, TrainConfig, apply_overrides, lr_at
+from .deepspeed_config import CONFIG_DIR, load_ds_config, resolve_ds_config
+from .dist import free_port, init_distributed, is_rank0
+from .loop import Meter, train
+from .optim import param_groups
+
+__all__ = ["TrainConfig", "train", "lr_at", "apply_overrides", "load_ds_config", "resolve_ds_config", "CONFIG_DIR",
+           "init_distributed", "is_rank0", "free_port", "seed_everything", "param_groups", "RunState", "Meter",
+           "latest_checkpoint", "export_checkpoint", "TAG_RE", "COMPLETE", "STATE_FILE", "FP32_FILE",
+           "PRECISIONS", "SCHEDULES"]
