@@ -2,7 +2,7 @@
 
     python bench/tokenizers.py                          # dVAE + shipped VQ config, 3 seeds, photos, throughput
     python bench/tokenizers.py --minutes 0.5 --seeds 0  # smoke run
-    python bench/tokenizers.py --sections shapes --kinds vqgan --vq-config train/configs/vqgan_shapes.json
+    python bench/tokenizers.py --sections shapes --kinds vqgan --vq-config train/configs/vqgan-shapes.json
 
 (a) shapes: each tokenizer trains for --minutes (plain loop, AdamW + warm-up/cosine LR as the
     engine; the LR schedule follows the clock so it ends on time) on 64x64 `shapes` train scenes,
@@ -36,7 +36,7 @@ from dvae import model_config as dvae_model_config
 from dvae import photo_data, random_crop, shapes_data
 
 ROOT = Path(__file__).resolve().parent.parent
-VQ_CONFIG = ROOT / "train" / "configs" / "vqgan_shapes.json"
+VQ_CONFIG = ROOT / "train" / "configs" / "vqgan-shapes.json"
 
 
 class Clock:

@@ -32,6 +32,7 @@ from einops import rearrange
 
 from . import io
 from .checks import check_images, check_state_dict, check_tokens
+from .image_tokenizer import ImageTokenizerMixin
 
 LOSSES = ("logit_laplace", "mse")
 
@@ -246,7 +247,9 @@ def codebook_usage(codes: torch.Tensor, vocab_size: int) -> dict:
 
 # ---- the model -----------------------------------------------------------------------------------
 
-class DiscreteVAE(nn.Module):
+class DiscreteVAE(ImageTokenizerMixin, nn.Module):
+    """The dVAE; encode / decode / vocab_size / grid_size / grid() are the image-tokenizer interface."""
+
     def __init__(self, config: DVAEConfig):
         super().__init__()
         if not isinstance(config, DVAEConfig):
@@ -256,24 +259,6 @@ class DiscreteVAE(nn.Module):
         self.decoder = Decoder(config)
         # A plain attribute (a dict, not a buffer or module): outside state_dict(), optimizers and ZeRO.
         self._ema, self._ema_step, self._ema_updates = None, None, 0
-
-    @property
-    def grid_size(self) -> int:
-        return self.config.grid_size
-
-    # -- the image-tokenizer interface (dalle_ar.image_tokenizer)
-    @property
-    def vocab_size(self) -> int:
-        return self.config.vocab_size
-
-    @property
-    def image_size(self) -> int:
-        return self.config.image_size
-
-    def grid(self, image_size: Optional[int] = None) -> int:
-        """Side of the code grid for square images of `image_size` (default: the configured size)."""
-        size = self.config.image_size if image_size is None else image_size
-        return size // 2 ** (self.config.group_count - 1)
 
     # -- pixels <-> model space (OpenAI's map_pixels / unmap_pixels)
     def map_pixels(self, x):

@@ -20,6 +20,27 @@ from .io import CONFIG_NAME
 KINDS = ("dvae", "vqgan")
 
 
+class ImageTokenizerMixin:
+    """The interface's sizes, read from `self.config` (which has image_size, grid_size and vocab_size)."""
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def grid_size(self) -> int:
+        return self.config.grid_size
+
+    @property
+    def image_size(self) -> int:
+        return self.config.image_size
+
+    def grid(self, image_size=None) -> int:
+        """Side of the code grid for square images of `image_size` (default: the configured size)."""
+        size = self.config.image_size if image_size is None else image_size
+        return size // (self.config.image_size // self.config.grid_size)
+
+
 def tokenizer_kind(directory) -> str:
     """The kind named by `directory`/config.json ("dvae" when a 0.1 dVAE config names none)."""
     path = Path(directory) / CONFIG_NAME
@@ -42,6 +63,18 @@ def tokenizer_class(kind: str):
         from .vqgan import VQGAN
         return VQGAN
     raise ValueError(f"kind must be one of {list(KINDS)}, got {kind!r}")
+
+
+def load_image_tokenizer_config(directory):
+    """The config (DVAEConfig or VQGANConfig) in `directory`: vocab_size, grid_size and image_size without the weights."""
+    from .io import load_config
+
+    kind = tokenizer_kind(directory)
+    if kind == "dvae":
+        from .dvae import DVAEConfig
+        return load_config(directory, DVAEConfig)
+    from .vqgan import VQGANConfig
+    return load_config(directory, VQGANConfig)
 
 
 def load_image_tokenizer(directory, device=None):

@@ -113,8 +113,14 @@ class TextToImagePipeline:
         return cls.from_pretrained_parts(d / "tokenizer", d / images[0], d / "dalle", clip, device=device)
 
     @classmethod
-    def from_pretrained_parts(cls, tokenizer, image_tokenizer, dalle, clip=None, device="cpu") -> "TextToImagePipeline":
-        """Join separately trained parts (directories; `image_tokenizer` a dVAE or VQGAN one); without `clip` there is no reranking."""
+    def from_pretrained_parts(cls, tokenizer, image_tokenizer=None, dalle=None, clip=None, device="cpu", *,
+                              dvae=None) -> "TextToImagePipeline":
+        """Join separately trained parts (directories; `image_tokenizer` a dVAE or VQGAN one, also accepted
+        as `dvae=`, its 0.1 name); without `clip` there is no reranking."""
+        if (image_tokenizer is None) == (dvae is None) or dalle is None:
+            raise ValueError("from_pretrained_parts needs tokenizer, dalle and one image tokenizer directory "
+                             "(image_tokenizer=, or dvae= as in 0.1)")
+        image_tokenizer = image_tokenizer if dvae is None else dvae
         reranker = None
         if clip is not None:
             reranker = CLIPReranker.from_pretrained(clip, device=device)

@@ -44,6 +44,7 @@ from einops import rearrange
 
 from . import io
 from .checks import check_images, check_state_dict, check_tokens
+from .image_tokenizer import ImageTokenizerMixin
 
 QUANTIZERS = ("vq", "gumbel", "fsq")
 RECON_LOSSES = ("l1", "l2")
@@ -136,11 +137,15 @@ class VQGANConfig:
     @property
     def blocks_per_level(self) -> tuple:
         b = self.num_res_blocks
-        return tuple(b) if isinstance(b, tuple) else (b,) * len(self.ch_mult)
+        return tuple(b) if isinstance(b, (tuple, list)) else (b,) * len(self.ch_mult)
 
     @property
     def grid_size(self) -> int:
         return self.image_size // 2 ** (len(self.ch_mult) - 1)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.n_embed
 
 
 # ---- encoder and decoder (taming's layout) --------------------------------------------------------
@@ -454,8 +459,9 @@ class FSQ(nn.Module):
 
 # ---- the model -----------------------------------------------------------------------------------
 
-class VQGAN(nn.Module):
-    """Encoder + quantizer + decoder in taming's VQModel layout; one image tokenizer of the package."""
+class VQGAN(ImageTokenizerMixin, nn.Module):
+    """Encoder + quantizer + decoder in taming's VQModel layout; encode / decode / vocab_size / grid_size /
+    grid() are the image-tokenizer interface (dalle_ar.image_tokenizer)."""
 
     def __init__(self, config: VQGANConfig):
         super().__init__()
@@ -467,24 +473,6 @@ class VQGAN(nn.Module):
         self.quant_conv = _conv(c.z_channels, c.embed_dim, 1)
         self.post_quant_conv = _conv(c.embed_dim, c.z_channels, 1)
         self.quantize = {"vq": VectorQuantizer, "gumbel": GumbelQuantizer, "fsq": FSQ}[c.quantizer](c)
-
-    # -- the image-tokenizer interface
-    @property
-    def vocab_size(self) -> int:
-        return self.config.n_embed
-
-    @property
-    def grid_size(self) -> int:
-        return self.config.grid_size
-
-    @property
-    def image_size(self) -> int:
-        return self.config.image_size
-
-    def grid(self, image_size: Optional[int] = None) -> int:
-        """Side of the code grid for square images of `image_size` (default: the configured size)."""
-        size = self.config.image_size if image_size is None else image_size
-        return size // 2 ** (len(self.config.ch_mult) - 1)
 
     def _check_images(self, images):
         c = self.config

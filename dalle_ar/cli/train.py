@@ -48,8 +48,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", required=True)
     p.set_defaults(func=_export)
 
-    p = subparsers.add_parser("encode", help="pre-encode shards with a dVAE (adds codes.npy to each sample)")
-    p.add_argument("--dvae", required=True, help="dVAE directory (config.json + model.safetensors)")
+    p = subparsers.add_parser("encode", help="pre-encode shards with an image tokenizer (adds codes.npy to each sample)")
+    p.add_argument("--dvae", "--image-tokenizer", dest="dvae", required=True,
+                   help="image tokenizer directory: a dVAE or a VQGAN (config.json + model.safetensors)")
     p.add_argument("--shards", required=True, help="brace pattern or comma list of input shards")
     p.add_argument("--out", required=True, help="output folder for the code shards")
     p.add_argument("--batch-size", type=int, default=64)
