@@ -354,7 +354,7 @@ class VectorQuantizer(nn.Module):
             z = F.normalize(z, dim=1)
         flat = rearrange(z, "b d h w -> (b h w) d")
         idx = self._nearest(flat.detach().float())
-        if self.training and torch.is_grad_enabled():
+        if self.training and torch.is_grad_enabled() and (c.codebook_ema is not None or c.dead_code_threshold > 0):
             self._update(flat.detach().float(), idx)
         z_q = self.embed(idx.view(z.shape[0], *z.shape[2:])).to(z.dtype)
         commit = (z - z_q.detach()).pow(2).mean()
@@ -366,10 +366,13 @@ class VectorQuantizer(nn.Module):
     def _update(self, flat: torch.Tensor, idx: torch.Tensor):
         """EMA codebook step and dead-code restarts (both optional)."""
         c = self.c
+        w = self.embedding.weight
+        if hasattr(w, "ds_numel") and w.ds_numel != w.numel():
+            raise ValueError("VQGANConfig.codebook_ema and dead_code_threshold are not supported with ZeRO stage 3 "
+                             "(the codebook is partitioned)")
         counts = _all_reduce(torch.bincount(idx, minlength=c.n_embed).float())
         decay = c.codebook_ema if c.codebook_ema is not None else 0.99
         self.usage.mul_(decay).add_(counts, alpha=1 - decay)
-        w = self.embedding.weight
         if c.codebook_ema is not None:
             sums = _all_reduce(torch.zeros(c.n_embed, c.embed_dim, device=flat.device).index_add_(0, idx, flat))
             if self.embed_avg.numel() == 0:
@@ -381,7 +384,7 @@ class VectorQuantizer(nn.Module):
         if c.dead_code_threshold > 0:
             dead = self.usage < c.dead_code_threshold
             if dead.any():
-                # Same picks on every rank: a generator seeded by the usage sum, then broadcast from rank 0.
+                # The same new vectors on every rank: rank 0's picks, broadcast.
                 pick = torch.randint(0, len(flat), (int(dead.sum()),), device=flat.device)
                 new = flat[pick]
                 if torch.distributed.is_available() and torch.distributed.is_initialized():
