@@ -128,7 +128,7 @@ def test_stage_config_overrides():
     with pytest.raises(ValueError, match="key=value"):
         load_stage_config("dvae", None, ["steps"])
     with pytest.raises(ValueError, match="stage"):
-        load_stage_config("vqgan")
+        load_stage_config("vqvae2")  # not a stage (vqgan became one)
 
 
 def test_dvae_stage_restarts_the_lr_for_the_decoder_only_phase(tmp_path):
