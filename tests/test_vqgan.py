@@ -249,7 +249,7 @@ def test_bad_input_is_a_value_error_naming_it(tmp_path):
         model.decode(torch.full((1, 8, 8), 32))
     with pytest.raises(ValueError, match=r"\[\*, 8, 8\]"):
         model.decode(torch.zeros(1, 4, 4, dtype=torch.long))
-    for bad, what in [(dict(quantizer="lfq"), "quantizer"), (dict(ch_mult=(1, 2, 2, 2, 2)), "image_size"),
+    for bad, what in [(dict(quantizer="lfq"), "quantizer"), (dict(ch_mult=(1, 2, 2, 2, 2, 2)), "image_size"),
                       (dict(norm_groups=3), "norm_groups"), (dict(num_res_blocks=(1, 1, 1)), "num_res_blocks"),
                       (dict(quantizer="fsq", fsq_levels=(4, 4), n_embed=10, embed_dim=2), "fsq"),
                       (dict(codebook_ema=1.5), "codebook_ema"), (dict(recon_loss="huber"), "recon_loss")]:
