@@ -39,12 +39,22 @@ def lightning_ckpt(path, config: VQGANConfig, extra=None):
     sd["loss.discriminator.main.0.weight"] = torch.randn(4, 3, 4, 4)
     sd["loss.perceptual_loss.lin0.model.1.weight"] = torch.randn(1, 4, 1, 1)
     import sys
-    sys.modules.setdefault("pytorch_lightning.callbacks.model_checkpoint", sys.modules[__name__])  # so torch.save can pickle it
+    import types
+    added = []  # a stand-in module tree, so torch.save can pickle the class under Lightning's name
+    for name in ("pytorch_lightning", "pytorch_lightning.callbacks", "pytorch_lightning.callbacks.model_checkpoint"):
+        if name not in sys.modules:
+            sys.modules[name] = types.ModuleType(name)
+            added.append(name)
+    sys.modules["pytorch_lightning.callbacks.model_checkpoint"].ModelCheckpoint = ModelCheckpoint
     ckpt = {"epoch": 3, "global_step": 1000, "pytorch-lightning_version": "1.0.8", "state_dict": sd,
             "callbacks": {ModelCheckpoint: {"best_model_score": torch.tensor(0.5)}},
             "optimizer_states": [{"state": {}, "param_groups": [{"lr": 4.5e-6}]}], "lr_schedulers": []}
     ckpt.update(extra or {})
-    torch.save(ckpt, path)
+    try:
+        torch.save(ckpt, path)
+    finally:
+        for name in added:
+            del sys.modules[name]
     return sd
 
 
