@@ -32,3 +32,19 @@ def check_state_dict(state_dict: dict, expected: dict, what: str, against: str =
     if missing or unexpected or bad:
         raise ValueError(f"{what} does not match {against}: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}, shape mismatch {bad[:5]}")
+
+
+def check_images(images, channels: int, size: int) -> torch.Tensor:
+    """A float [B, channels, size, size] tensor with values in [0, 1] (what image tokenizers take)."""
+    if not isinstance(images, torch.Tensor) or not images.is_floating_point():
+        got = images.dtype if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"images must be a float tensor with values in [0, 1], got {got}")
+    want = (channels, size, size)
+    if images.dim() != 4 or tuple(images.shape[1:]) != want:
+        raise ValueError(f"images must have shape [B, {want[0]}, {want[1]}, {want[2]}] "
+                         f"(channels, image_size), got {tuple(images.shape)}")
+    if images.numel():
+        lo, hi = torch.aminmax(images.detach())
+        if not (lo >= -1e-3 and hi <= 1 + 1e-3):  # also catches NaN
+            raise ValueError(f"images must have values in [0, 1], got [{float(lo):.4g}, {float(hi):.4g}]")
+    return images

@@ -1,4 +1,4 @@
-"""OpenAI's released dVAE (encoder.pkl + decoder.pkl) -> a dVAE directory.
+"""OpenAI's released dVAE (encoder.pkl + decoder.pkl) -> a dVAE directory (taming VQGANs: convert_taming.py).
 
     dalle-ar convert openai-dvae --encoder encoder.pkl --decoder decoder.pkl --out openai-dvae/
 

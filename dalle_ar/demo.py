@@ -1,6 +1,7 @@
 """`dalle-ar demo`: the whole recipe on a built-in set, on a CPU, with no download.
 
-    data shards -> BPE tokenizer -> dVAE -> code shards -> CLIP -> prior -> pipeline -> reranked images
+    data shards -> BPE tokenizer -> image tokenizer (dVAE, or VQGAN with image_tokenizer="vqgan")
+                -> code shards -> CLIP -> prior -> pipeline -> reranked images
 
 Every stage goes through the same DeepSpeed engine as `dalle-ar train`. Each finished stage leaves
 a `done.json` in its folder, so running the demo again resumes where it stopped.
@@ -30,10 +31,10 @@ log = logging.getLogger(__name__)
 # 2 CPU cores; "fast" is a ~2 minute smoke run (the images will be poor).
 BUDGETS = {
     "default": {"data": {"train_size": 12000, "val_size": 1000},
-                "dvae": [], "clip": [], "dalle": [],
+                "dvae": [], "vqgan": [], "clip": [], "dalle": [],
                 "generate": {"prompts": 48, "candidates": 16, "sheet": 4}},
     "fast": {"data": {"train_size": 2000, "val_size": 200},
-             "dvae": ["train.steps=60", "model.hard_codes_from_step=45"],
+             "dvae": ["train.steps=60", "model.hard_codes_from_step=45"], "vqgan": ["train.steps=60"],
              "clip": ["train.steps=40"], "dalle": ["train.steps=60"],
              "generate": {"prompts": 8, "candidates": 4, "sheet": 4}},
 }
@@ -55,7 +56,14 @@ def _stage(folder: Path, what: str, fn):
     return info
 
 
-def run_demo(out, data: str = "shapes", budget: str = "default", seed: int = 0) -> dict:
+# The demo's image tokenizer: the dVAE, the one docs/benchmarks.md measured better for this budget
+# (bench/tokenizers.py); the VQGAN is one argument away.
+IMAGE_TOKENIZERS = ("dvae", "vqgan")
+
+
+def run_demo(out, data: str = "shapes", budget: str = "default", seed: int = 0, image_tokenizer: str = "dvae") -> dict:
+    if image_tokenizer not in IMAGE_TOKENIZERS:
+        raise ValueError(f"image_tokenizer must be one of {IMAGE_TOKENIZERS}, got {image_tokenizer!r}")
     if data not in ("shapes", "digits"):
         raise ValueError(f"data must be 'shapes' or 'digits', got {data!r}")
     if budget not in BUDGETS:
@@ -94,8 +102,12 @@ def run_demo(out, data: str = "shapes", budget: str = "default", seed: int = 0) 
         return fn
 
     runs = out / "runs"
-    summary["dvae"] = _stage(runs / "dvae", "dVAE", train("dvae", runs / "dvae", train_shards))
-    dvae_dir = runs / "dvae" / "export"
+    kind = image_tokenizer
+    other = [k for k in IMAGE_TOKENIZERS if k != kind and (runs / k / "done.json").is_file()]
+    if other:  # its codes, prior and pipeline would be resumed with the wrong tokenizer
+        raise ValueError(f"demo folder {out} was made with the {other[0]} image tokenizer; use another --out for {kind}")
+    summary[kind] = _stage(runs / kind, {"dvae": "dVAE", "vqgan": "VQGAN"}[kind], train(kind, runs / kind, train_shards))
+    dvae_dir = runs / kind / "export"
 
     # 3. pre-encode the shards so the prior trains without the dVAE forward pass
     codes_dir = out / "codes"
@@ -103,7 +115,7 @@ def run_demo(out, data: str = "shapes", budget: str = "default", seed: int = 0) 
     def encode():
         return encode_shards(dvae_dir, train_shards, codes_dir / "train")
 
-    summary["encode"] = _stage(codes_dir, "encode shards with the dVAE", encode)
+    summary["encode"] = _stage(codes_dir, f"encode shards with the {kind}", encode)
     code_shards = sorted(str(p) for p in (codes_dir / "train").glob("*.tar"))
 
     summary["clip"] = _stage(runs / "clip", "CLIP (reranker)",
@@ -117,7 +129,7 @@ def run_demo(out, data: str = "shapes", budget: str = "default", seed: int = 0) 
 
     def assemble():
         pipe = TextToImagePipeline.from_pretrained_parts(
-            tokenizer=tok_dir, dvae=dvae_dir, dalle=runs / "dalle" / "export", clip=runs / "clip" / "export")
+            tokenizer=tok_dir, image_tokenizer=dvae_dir, dalle=runs / "dalle" / "export", clip=runs / "clip" / "export")
         pipe.save_pretrained(pipe_dir, card={
             "name": f"dalle-ar demo ({data})",
             "datasets": [f"{data} (built into dalle-ar: `dalle-ar data {data}`)"],

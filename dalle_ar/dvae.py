@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from . import io
-from .checks import check_state_dict, check_tokens
+from .checks import check_images, check_state_dict, check_tokens
+from .image_tokenizer import ImageTokenizerMixin
 
 LOSSES = ("logit_laplace", "mse")
 
@@ -69,8 +70,11 @@ class DVAEConfig:
     # by save_pretrained instead of the live weights. Not with ZeRO-3; not resumable: a resumed
     # run restarts the average from the checkpoint's weights.
     ema_decay: Optional[float] = None
+    kind: str = "dvae"              # config.json names the image tokenizer (dalle_ar.image_tokenizer)
 
     def __post_init__(self):
+        if self.kind != "dvae":
+            raise ValueError(f"DVAEConfig.kind must be 'dvae', got {self.kind!r}")
         for name in ("image_size", "input_channels", "n_hid", "group_count", "n_blk_per_group",
                      "vocab_size", "n_init", "kl_warmup_steps", "temp_anneal_steps"):
             v = getattr(self, name)
@@ -243,7 +247,9 @@ def codebook_usage(codes: torch.Tensor, vocab_size: int) -> dict:
 
 # ---- the model -----------------------------------------------------------------------------------
 
-class DiscreteVAE(nn.Module):
+class DiscreteVAE(ImageTokenizerMixin, nn.Module):
+    """The dVAE; encode / decode / vocab_size / grid_size / grid() are the image-tokenizer interface."""
+
     def __init__(self, config: DVAEConfig):
         super().__init__()
         if not isinstance(config, DVAEConfig):
@@ -253,10 +259,6 @@ class DiscreteVAE(nn.Module):
         self.decoder = Decoder(config)
         # A plain attribute (a dict, not a buffer or module): outside state_dict(), optimizers and ZeRO.
         self._ema, self._ema_step, self._ema_updates = None, None, 0
-
-    @property
-    def grid_size(self) -> int:
-        return self.config.grid_size
 
     # -- pixels <-> model space (OpenAI's map_pixels / unmap_pixels)
     def map_pixels(self, x):
@@ -268,19 +270,7 @@ class DiscreteVAE(nn.Module):
         return ((x - eps) / (1 - 2 * eps)).clamp(0, 1)
 
     def _check_images(self, images) -> torch.Tensor:
-        c = self.config
-        if not isinstance(images, torch.Tensor) or not images.is_floating_point():
-            got = images.dtype if isinstance(images, torch.Tensor) else type(images).__name__
-            raise ValueError(f"images must be a float tensor with values in [0, 1], got {got}")
-        want = (c.input_channels, c.image_size, c.image_size)
-        if images.dim() != 4 or tuple(images.shape[1:]) != want:
-            raise ValueError(f"images must have shape [B, {want[0]}, {want[1]}, {want[2]}] "
-                             f"(channels, image_size), got {tuple(images.shape)}")
-        if images.numel():
-            lo, hi = torch.aminmax(images.detach())
-            if not (lo >= -1e-3 and hi <= 1 + 1e-3):  # also catches NaN
-                raise ValueError(f"images must have values in [0, 1], got [{float(lo):.4g}, {float(hi):.4g}]")
-        return images
+        return check_images(images, self.config.input_channels, self.config.image_size)
 
     def _check_codes(self, codes) -> torch.Tensor:
         g = self.grid_size

@@ -4,11 +4,12 @@ A trained pipeline is one directory (see docs/checkpoints.md):
 
     pipeline.json              which components, package version
     tokenizer/tokenizer.json   text BPE
-    dvae/                      config.json + model.safetensors
+    dvae/ or vqgan/            the image tokenizer: config.json (its "kind") + model.safetensors
     dalle/                     config.json + model.safetensors
     clip/                      a transformers CLIPModel directory (optional: no reranking without it)
 
-This module joins tokenizer + dVAE + prior + reranker for inference; it never imports DeepSpeed.
+This module joins tokenizer + image tokenizer (dVAE or VQGAN) + prior + reranker for inference;
+it never imports DeepSpeed.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .dalle import DALLE
-from .dvae import DiscreteVAE
+from .image_tokenizer import KINDS, load_image_tokenizer
 from .images import image_grid, to_pil  # noqa: F401  (image_grid: dalle_ar.pipeline API, docs/api.md)
 from .io import atomic_path, write_json
 from .rerank import CONSENSUS, CLIPReranker, check_consensus
@@ -83,30 +84,39 @@ def check_prompts(prompts) -> list[str]:
 
 
 class TextToImagePipeline:
-    """tokenizer -> prior -> image decoder (dVAE) -> CLIP reranker.
+    """tokenizer -> prior -> image tokenizer's decoder (dVAE or VQGAN) -> CLIP reranker.
 
     `device`, `torch_dtype` (the prior's dtype; the image decoder and CLIP stay float32 unless
     `.to(..., decoder_dtype=)` asks) and `num_threads` (CPU threads during a call; None: the
     `dalle_ar.threads` policy) as in diffusers' pipelines.
     """
 
-    def __init__(self, tokenizer, dvae, dalle, reranker=None, device: str | torch.device = "cpu",
+    def __init__(self, tokenizer, image_tokenizer, dalle, reranker=None, device: str | torch.device = "cpu",
                  torch_dtype=None, num_threads: Optional[int] = None, card: Optional[dict] = None):
-        if dalle.config.image_vocab_size != dvae.config.vocab_size:
+        if dalle.config.image_vocab_size != image_tokenizer.vocab_size:
             raise ValueError(
-                f"dalle.image_vocab_size={dalle.config.image_vocab_size} does not match "
-                f"dvae.vocab_size={dvae.config.vocab_size}"
+                f"dalle.image_vocab_size={dalle.config.image_vocab_size} does not match the image "
+                f"tokenizer's vocab_size={image_tokenizer.vocab_size}"
             )
-        if dalle.config.image_grid != dvae.grid_size:
-            raise ValueError(f"dalle.image_grid={dalle.config.image_grid} != dvae grid {dvae.grid_size}")
+        if dalle.config.image_grid != image_tokenizer.grid_size:
+            raise ValueError(f"dalle.image_grid={dalle.config.image_grid} != image tokenizer grid {image_tokenizer.grid_size}")
         if tokenizer.vocab_size > dalle.config.text_vocab_size:
             raise ValueError(
                 f"tokenizer vocab {tokenizer.vocab_size} > dalle.text_vocab_size={dalle.config.text_vocab_size}"
             )
-        self.tokenizer, self.dvae, self.dalle, self.reranker = tokenizer, dvae, dalle, reranker
+        self.tokenizer, self.image_tokenizer, self.dalle, self.reranker = tokenizer, image_tokenizer, dalle, reranker
         self.num_threads = check_threads(num_threads)
         self.card = dict(card or {})  # model card fields kept in pipeline.json (license, datasets, quality, ...)
         self.to(device=device, dtype=check_dtype(torch_dtype))
+
+    @property
+    def dvae(self):
+        """The image tokenizer (its name before the VQ family joined; kept for 0.1 callers)."""
+        return self.image_tokenizer
+
+    @property
+    def image_tokenizer_kind(self) -> str:
+        return self.image_tokenizer.config.kind
 
     def to(self, *args, device=None, dtype=None, decoder_dtype=None) -> "TextToImagePipeline":
         """`.to(device)`, `.to(dtype)`, `.to(device, dtype)` (diffusers style): dtype is the prior's;
@@ -122,7 +132,7 @@ class TextToImagePipeline:
         if device is not None or not hasattr(self, "device"):
             self.device = torch.device(device if device is not None else "cpu")
         self.dalle.to(device=self.device, dtype=dtype).eval()
-        self.dvae.to(device=self.device, dtype=decoder_dtype).eval()
+        self.image_tokenizer.to(device=self.device, dtype=decoder_dtype).eval()
         if self.reranker is not None:
             self.reranker.to(self.device)
         return self
@@ -150,9 +160,12 @@ class TextToImagePipeline:
             components = json.loads((d / PIPELINE_FILE).read_text())["components"]
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{d / PIPELINE_FILE}: not a pipeline description ({e})") from None
-        for part in ("tokenizer", "dvae", "dalle"):
+        for part in ("tokenizer", "dalle"):
             if not (d / part).is_dir():
                 raise ValueError(f"pipeline {d}: missing component '{part}/'")
+        images = [k for k in KINDS if (d / k).is_dir()]
+        if len(images) != 1:
+            raise ValueError(f"pipeline {d}: needs exactly one image tokenizer directory of {list(KINDS)}, found {images}")
         if not rerank:
             clip = None
         elif clip is None and (d / "clip").is_dir():
@@ -161,19 +174,24 @@ class TextToImagePipeline:
             raise ValueError(f"pipeline {d}: {PIPELINE_FILE} lists a CLIP reranker but {d / 'clip'} is missing; "
                              f"restore it, pass another CLIP (--clip DIR), or sample without reranking (--no-rerank)")
         card = json.loads((d / PIPELINE_FILE).read_text()).get("card")
-        return cls.from_pretrained_parts(d / "tokenizer", d / "dvae", d / "dalle", clip, device=device,
+        return cls.from_pretrained_parts(d / "tokenizer", d / images[0], d / "dalle", clip, device=device,
                                          torch_dtype=torch_dtype, num_threads=num_threads, card=card)
 
     @classmethod
-    def from_pretrained_parts(cls, tokenizer, dvae, dalle, clip=None, device="cpu", *, torch_dtype=None,
-                              num_threads: Optional[int] = None, card: Optional[dict] = None
-                              ) -> "TextToImagePipeline":
-        """Join separately trained parts (directories); without `clip` there is no reranking."""
+    def from_pretrained_parts(cls, tokenizer, image_tokenizer=None, dalle=None, clip=None, device="cpu", *,
+                              dvae=None, torch_dtype=None, num_threads: Optional[int] = None,
+                              card: Optional[dict] = None) -> "TextToImagePipeline":
+        """Join separately trained parts (directories; `image_tokenizer` a dVAE or VQGAN one, also accepted
+        as `dvae=`, its 0.1 name); without `clip` there is no reranking."""
+        if (image_tokenizer is None) == (dvae is None) or dalle is None:
+            raise ValueError("from_pretrained_parts needs tokenizer, dalle and one image tokenizer directory "
+                             "(image_tokenizer=, or dvae= as in 0.1)")
+        image_tokenizer = image_tokenizer if dvae is None else dvae
         torch_dtype = check_dtype(torch_dtype)
         reranker = None
         if clip is not None:
             reranker = CLIPReranker.from_pretrained(clip, device=device)
-        return cls(TextTokenizer.from_pretrained(tokenizer), DiscreteVAE.from_pretrained(dvae),
+        return cls(TextTokenizer.from_pretrained(tokenizer), load_image_tokenizer(image_tokenizer),
                    DALLE.from_pretrained(dalle), reranker, device=device, torch_dtype=torch_dtype,
                    num_threads=num_threads, card=card)
 
@@ -185,9 +203,13 @@ class TextToImagePipeline:
         d.mkdir(parents=True, exist_ok=True)
         self.card.update(card or {})
         self.tokenizer.save_pretrained(d / "tokenizer")
-        self.dvae.save_pretrained(d / "dvae")
+        kind = self.image_tokenizer_kind
+        for other in KINDS:  # one image tokenizer per pipeline: drop another kind's left-over directory
+            if other != kind:
+                shutil.rmtree(d / other, ignore_errors=True)
+        self.image_tokenizer.save_pretrained(d / kind)
         self.dalle.save_pretrained(d / "dalle")
-        components = ["tokenizer", "dvae", "dalle"]
+        components = ["tokenizer", kind, "dalle"]
         src = clip_dir or (getattr(self.reranker, "path", None) if self.reranker is not None else None)
         if src is not None:
             if Path(src).resolve() != (d / "clip").resolve():
@@ -209,7 +231,7 @@ class TextToImagePipeline:
     @property
     def image_size(self) -> int:
         """Side in pixels of the (square) images this pipeline makes."""
-        return self.dvae.config.image_size
+        return self.image_tokenizer.image_size
 
     def sampling_options(self, temperature: Optional[float] = None, top_k: Optional[int] = None,
                          top_p: Optional[float] = None, guidance_scale: Optional[float] = None) -> dict:
@@ -231,8 +253,7 @@ class TextToImagePipeline:
     def encode_image(self, image, name: str = "init_image") -> torch.Tensor:
         """A PIL image (any mode: converted to RGB; square of any size: resized to the decoder's
         image_size) or a float tensor [C, S, S] in [0, 1] of exactly that size -> codes Long[grid, grid]."""
-        c = self.dvae.config
-        size, channels = c.image_size, c.input_channels
+        size, channels = self.image_tokenizer.image_size, self.image_tokenizer.channels
         if isinstance(image, Image.Image):
             if image.width != image.height:
                 raise ValueError(f"{name} must be square (crop it first), got {image.width}x{image.height}")
@@ -249,9 +270,9 @@ class TextToImagePipeline:
             x = image
         else:
             raise ValueError(f"{name} must be a PIL image or a float tensor, got {type(image).__name__}")
-        dtype = next(self.dvae.parameters()).dtype
+        dtype = next(self.image_tokenizer.parameters()).dtype
         try:
-            return self.dvae.encode(x[None].to(self.device, dtype))[0]
+            return self.image_tokenizer.encode(x[None].to(self.device, dtype))[0]
         except ValueError as e:  # values outside [0, 1]
             raise ValueError(f"{name}: {e}") from None
 
@@ -271,7 +292,7 @@ class TextToImagePipeline:
                                     null_text=None if null_text is None else null_text.expand(b, -1), **sampling)
             codes.append(z.cpu())
             if decode:
-                images.append(self.dvae.decode(z).float().cpu())
+                images.append(self.image_tokenizer.decode(z).float().cpu())
             if progress is not None:
                 progress.update(b)
         return torch.cat(codes), (torch.cat(images) if decode else None)
@@ -285,7 +306,7 @@ class TextToImagePipeline:
         for start in range(0, text.shape[0], batch_size):
             rows = slice(start, start + batch_size)
             codes = self.dalle.generate(text[rows].to(self.device), noise=noise[rows], **sampling)
-            out.append(self.dvae.decode(codes).float().cpu())
+            out.append(self.image_tokenizer.decode(codes).float().cpu())
             if progress is not None:
                 progress.update(codes.shape[0])
         return torch.cat(out)

@@ -163,7 +163,7 @@ def test_stage_config_overrides():
     with pytest.raises(ValueError, match="key=value"):
         load_stage_config("dvae", None, ["steps"])
     with pytest.raises(ValueError, match="stage"):
-        load_stage_config("vqgan")
+        load_stage_config("vqvae2")  # not a stage (vqgan became one)
 
 
 def test_dvae_stage_restarts_the_lr_for_the_decoder_only_phase(tmp_path):
@@ -217,3 +217,39 @@ def test_train_cli_init_from_and_threads_errors(run, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         cli_main([*base, "--threads", "0"])
     assert e.value.code == 2 and "--threads" in capsys.readouterr().err
+
+
+def test_vqgan_stage_then_encode_prior_and_pipeline(run, tmp_path):
+    """The VQ tokenizer trains through the engine, and the prior, `encode` and the pipeline take it
+    like the dVAE (the pipeline keeps it under vqgan/)."""
+    from dalle_ar.image_tokenizer import load_image_tokenizer
+    from dalle_ar.pipeline import TextToImagePipeline
+    from dalle_ar.train.encode import encode_shards
+    from dalle_ar.vqgan import VQGAN
+
+    root = run["root"]
+    vq = run_stage("vqgan", run["train"], tmp_path / "vqgan", val_shards=run["val"],
+                   config_file=config_path("vqgan-shapes.json"),
+                   overrides=["model.ch=8", "model.norm_groups=4", "model.z_channels=8", "data.num_workers=0", *COMMON])
+    assert vq["steps"] == 3 and vq["final_loss"] < vq["first_loss"] * 1.5
+    assert 0 < vq["metrics"]["val_psnr"] and vq["metrics"]["val_images"] == 16
+    assert (tmp_path / "vqgan" / "samples" / "step00000003.png").is_file()
+    vq_dir = tmp_path / "vqgan" / "export"
+    model = load_image_tokenizer(vq_dir)
+    assert isinstance(model, VQGAN) and model.vocab_size == 1000 and model.grid_size == 8
+    encode_shards(vq_dir, run["train"], tmp_path / "codes", shard_size=16)
+    codes = sorted(str(p) for p in (tmp_path / "codes").glob("*.tar"))
+    tok = root / "tokenizer"
+    dalle = run_stage("dalle", codes, tmp_path / "dalle", val_shards=run["val"],
+                      config_file=config_path("dalle-shapes.json"),
+                      overrides=[*TINY["dalle"], *COMMON, f"data.tokenizer={tok}", f"data.dvae={vq_dir}"])
+    assert dalle["steps"] == 3
+    stage = json.loads((tmp_path / "dalle" / "stage.json").read_text())
+    assert stage["config"]["model"]["image_vocab_size"] == 1000
+    pipe = TextToImagePipeline.from_pretrained_parts(tok, vq_dir, tmp_path / "dalle" / "export")
+    pipe.save_pretrained(tmp_path / "pipeline")
+    assert (tmp_path / "pipeline" / "vqgan" / "config.json").is_file() and not (tmp_path / "pipeline" / "dvae").exists()
+    loaded = TextToImagePipeline.from_pretrained(tmp_path / "pipeline")
+    assert isinstance(loaded.image_tokenizer, VQGAN)
+    (res,) = loaded(["a small red circle in the top left"], num_candidates=2, keep=1, progress=False)
+    assert res.images[0].size == (64, 64)

@@ -12,7 +12,7 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 # The stages `dalle-ar train` offers, read by the CLI without importing them (torch, DeepSpeed);
 # each is a class in dalle_ar.train.stages.STAGES (tests/test_architecture.py holds the two equal).
-STAGE_NAMES = ("dvae", "dalle", "clip")
+STAGE_NAMES = ("dvae", "vqgan", "dalle", "clip")
 
 
 def config_path(name: str) -> Path:

@@ -1,4 +1,4 @@
-"""`dalle-ar encode`: pre-encode shards with a frozen dVAE.
+"""`dalle-ar encode`: pre-encode shards with a frozen image tokenizer (dVAE or VQGAN).
 
 Each output sample keeps its key, captions (`txt`) and attributes (`json`) and gains `codes.npy`
 (int16 [h, w]), so the prior trains without a dVAE forward pass (as dalle-mini and LlamaGen do).
@@ -14,7 +14,7 @@ import re
 import torch
 
 from dalle_ar.data import expand_shards, iter_raw_samples, preprocess_image, write_samples
-from dalle_ar.dvae import DiscreteVAE
+from dalle_ar.image_tokenizer import load_image_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +34,8 @@ def encode_shards(dvae_dir, shards, out, *, batch_size: int = 64, shard_size: in
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dvae = DiscreteVAE.from_pretrained(dvae_dir).to(device).eval()
-    size = dvae.config.image_size
+    dvae = load_image_tokenizer(dvae_dir).to(device).eval()
+    size = dvae.image_size
     skipped: dict[str, int] = {}
     upscaled = [0]  # images smaller than the dVAE's image size on their shorter side
 

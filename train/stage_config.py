@@ -22,7 +22,7 @@ class DataConfig:
 @dataclass
 class DALLEDataConfig(DataConfig):
     tokenizer: Optional[str] = None  # tokenizer directory
-    dvae: Optional[str] = None       # frozen dVAE (encodes raw shards; gives grid and vocab)
+    dvae: Optional[str] = None       # frozen image tokenizer, dVAE or VQGAN (encodes raw shards; gives grid and vocab)
     bpe_dropout: bool = False        # BPE dropout on training captions (paper: 0.1)
     sample_prompts: tuple = ()       # prompts of the PNG/TensorBoard sample grids
 

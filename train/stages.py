@@ -2,7 +2,7 @@
 
 A stage's config file is JSON with three sections, each a dataclass:
 
-    {"model": {... DVAEConfig | DALLEConfig | SmallCLIPConfig ...},
+    {"model": {... DVAEConfig | VQGANConfig | DALLEConfig | SmallCLIPConfig ...},
      "train": {... dalle_ar.engine.TrainConfig ...},
      "data":  {... the stage's DataConfig ...}}
 
@@ -41,10 +41,12 @@ from dalle_ar.clip import SmallCLIPConfig, build_small_clip, clip_inputs, clip_l
 from dalle_ar.dalle import DALLE, DALLEConfig
 from dalle_ar.data import ShardLoader, expand_shards, iter_raw_samples, preprocess_image, shards_have_codes
 from dalle_ar.dvae import DiscreteVAE, DVAEConfig, codebook_usage, psnr
+from dalle_ar.image_tokenizer import load_image_tokenizer, load_image_tokenizer_config
 from dalle_ar.images import image_grid, to_pil
 from dalle_ar.io import config_from_dict, load_config, write_json
 from dalle_ar.threads import set_threads
 from dalle_ar.tokenizer import TextTokenizer
+from dalle_ar.vqgan import VQGAN, VQGANConfig
 
 from . import find_config
 from .init_from import init_from_export
@@ -301,32 +303,64 @@ class DVAEStage(Stage):
         return {"val_images": n, **{f"codebook_{k}": float(v) for k, v in usage.items()}}
 
 
+class VQGANStage(Stage):
+    """The VQ image tokenizer: reconstruction (L1/L2, edge-weighted) + the quantizer's loss."""
+
+    name = "vqgan"
+    model_config_cls = VQGANConfig
+
+    @classmethod
+    def resolve(cls, model_cfg, train_cfg, data_cfg):
+        return model_cfg, train_cfg, dataclasses.replace(data_cfg, image_size=model_cfg.image_size)
+
+    def build_model(self):
+        self.val_codes = []
+        return VQGAN(self.model_cfg)
+
+    def loss_fn(self, model, batch, step):
+        return model(batch["image"], step=step)
+
+    @torch.no_grad()
+    def on_checkpoint(self, step, model, writer):
+        x = self.fixed_batch(self.data.sample_count)["image"].to(next(model.parameters()).device)
+        recon = model.decode(model.encode(x))
+        save_grid(torch.cat([x, recon.float()]).cpu(), x.shape[0], self.out / "samples" / f"step{step:08d}.png",
+                  writer, "vqgan/originals_vs_reconstructions", step)
+
+    eval_batch = DVAEStage.eval_batch
+
+    def eval_summary(self, n):
+        usage = codebook_usage(torch.cat(self.val_codes), self.model_cfg.n_embed) if self.val_codes else {}
+        self.val_codes = []
+        return {"val_images": n, **{f"codebook_{k}": float(v) for k, v in usage.items()}}
+
+
 class DALLEStage(Stage):
     name = "dalle"
     summary = "the prior (transformer) on image or code shards, with a trained tokenizer and dVAE"
     needs = {"data.tokenizer": "a trained tokenizer directory (dalle-ar tokenizer train --out)",
-             "data.dvae": "a trained dVAE directory (RUN/export of `train dvae`, or `convert openai-dvae`)"}
+             "data.dvae": "a trained image tokenizer directory: a dVAE or a VQGAN (RUN/export of `train dvae` / `train vqgan`, or `convert openai-dvae` / `convert taming-vqgan`)"}
     model_config_cls = DALLEConfig
     data_config_cls = DALLEDataConfig
 
     @classmethod
     def resolve(cls, model_cfg, train_cfg, data_cfg):
-        """The model's vocabularies and grid follow the tokenizer and the dVAE unless set."""
+        """The model's vocabularies and grid follow the tokenizer and the image tokenizer unless set."""
         cls.check_needs(data_cfg)
         text_vocab = TextTokenizer.from_pretrained(data_cfg.tokenizer).vocab_size
-        dvae = load_config(data_cfg.dvae, DVAEConfig)
+        dvae = load_image_tokenizer_config(data_cfg.dvae)
         fill = {k: v for k, v in (("text_vocab_size", text_vocab), ("image_vocab_size", dvae.vocab_size),
                                   ("image_grid", dvae.grid_size)) if not getattr(model_cfg, k)}
         model_cfg = dataclasses.replace(model_cfg, **fill)
         if model_cfg.image_vocab_size != dvae.vocab_size or model_cfg.image_grid != dvae.grid_size:
-            raise ValueError("model.image_vocab_size / model.image_grid disagree with the dVAE")
+            raise ValueError("model.image_vocab_size / model.image_grid disagree with the image tokenizer")
         if text_vocab > model_cfg.text_vocab_size:
             raise ValueError(f"model.text_vocab_size={model_cfg.text_vocab_size} < tokenizer vocab {text_vocab}")
         return model_cfg, train_cfg, dataclasses.replace(data_cfg, image_size=dvae.image_size)
 
     def build_model(self):
         self.tokenizer = TextTokenizer.from_pretrained(self.data.tokenizer)
-        self.dvae = DiscreteVAE.from_pretrained(self.data.dvae).eval().requires_grad_(False)
+        self.dvae = load_image_tokenizer(self.data.dvae).eval().requires_grad_(False)
         self.codes = shards_have_codes(self.train_shards)  # pre-encoded by `dalle-ar encode`
         return DALLE(self.model_cfg)
 
@@ -410,7 +444,7 @@ class CLIPStage(Stage):
         return {"val_batch": self.train_cfg.batch_size, "val_samples": n}
 
 
-STAGES = {"dvae": DVAEStage, "dalle": DALLEStage, "clip": CLIPStage}
+STAGES = {"dvae": DVAEStage, "vqgan": VQGANStage, "dalle": DALLEStage, "clip": CLIPStage}
 
 
 def describe_stage(stage: str) -> str:

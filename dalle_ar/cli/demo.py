@@ -14,11 +14,13 @@ def add_parser(subparsers) -> None:
     p.add_argument("--budget", choices=sorted(BUDGET_NAMES), default="default",
                    help="default: ~15 min on 2 CPU cores; fast: ~2 min smoke run")
     p.add_argument("--seed", type=int, default=0, help="seed of the data and of every stage")
+    p.add_argument("--tokenizer", choices=["dvae", "vqgan"], default="dvae", dest="image_tokenizer",
+                   help="image tokenizer to train (default dvae: docs/benchmarks.md, 'Image tokenizers')")
     p.set_defaults(func=_demo)
 
 
 def _demo(args) -> int:
     from dalle_ar.demo import run_demo  # trains every stage: torch, transformers, DeepSpeed
 
-    run_demo(args.out, data=args.data, budget=args.budget, seed=args.seed)
+    run_demo(args.out, data=args.data, budget=args.budget, seed=args.seed, image_tokenizer=args.image_tokenizer)
     return 0

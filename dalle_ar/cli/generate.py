@@ -14,11 +14,12 @@ DESCRIPTION = ("Reranked batch generation: for each prompt of a prompts file (on
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("pipeline", help="assemble trained parts into a pipeline directory",
-                              description="Join a tokenizer, a dVAE, a prior and (optionally) a CLIP, each a "
+                              description="Join a tokenizer, an image tokenizer (dVAE or VQGAN), a prior and (optionally) a CLIP, each a "
                                           "directory (e.g. a run's export/), into one pipeline folder that "
                                           "`dalle-ar generate --model` and TextToImagePipeline.from_pretrained load.")
     p.add_argument("--tokenizer", required=True, help="tokenizer directory (dalle-ar tokenizer train --out)")
-    p.add_argument("--dvae", required=True, help="dVAE directory (config.json + model.safetensors)")
+    p.add_argument("--dvae", "--image-tokenizer", dest="dvae", required=True,
+                   help="image tokenizer directory: a dVAE or a VQGAN (config.json + model.safetensors)")
     p.add_argument("--dalle", required=True, help="prior directory (config.json + model.safetensors)")
     p.add_argument("--clip", default=None, help="CLIP directory (own or a local pretrained CLIP); none: no reranking")
     p.add_argument("--out", required=True, help="pipeline directory to write")

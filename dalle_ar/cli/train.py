@@ -85,8 +85,9 @@ def add_parser(subparsers) -> None:
                                                 "stage's extra files) into")
     p.set_defaults(func=_export)
 
-    p = subparsers.add_parser("encode", help="pre-encode shards with a dVAE (adds codes.npy to each sample)")
-    p.add_argument("--dvae", required=True, help="dVAE directory (config.json + model.safetensors)")
+    p = subparsers.add_parser("encode", help="pre-encode shards with an image tokenizer (adds codes.npy to each sample)")
+    p.add_argument("--dvae", "--image-tokenizer", dest="dvae", required=True,
+                   help="image tokenizer directory: a dVAE or a VQGAN (config.json + model.safetensors)")
     p.add_argument("--shards", required=True,
                    help="input shards: a folder (its *.tar), a brace pattern, a glob or a comma list")
     p.add_argument("--out", required=True, help="output folder for the code shards")
