@@ -57,7 +57,7 @@ def _stage(folder: Path, what: str, fn):
 
 
 # The demo's image tokenizer: the dVAE, the one docs/benchmarks.md measured better for this budget
-# (bench/tokenizers.py); the VQGAN is one argument away.
+# (bench/image_tokenizers.py); the VQGAN is one argument away.
 IMAGE_TOKENIZERS = ("dvae", "vqgan")
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 from dalle_ar.data import shapes
 
 BENCH = Path(__file__).parents[1] / "bench"
-sys.path.insert(0, str(BENCH))  # the bench scripts import their `common` module
+sys.path.append(str(BENCH))  # the bench scripts import their `common` module; appended, so nothing in
+# bench/ can shadow an installed package for the rest of the test session
 _spec = importlib.util.spec_from_file_location("bench_quality", BENCH / "quality.py")
 quality = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(quality)

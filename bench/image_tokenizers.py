@@ -1,8 +1,8 @@
 """Image tokenizers side by side: the dVAE and the VQ family, same budget, same `shapes` val scenes.
 
-    python bench/tokenizers.py                          # dVAE + shipped VQ config, 3 seeds, photos, throughput
-    python bench/tokenizers.py --minutes 0.5 --seeds 0  # smoke run
-    python bench/tokenizers.py --sections shapes --kinds vqgan --vq-config train/configs/vqgan-shapes.json
+    python bench/image_tokenizers.py                          # dVAE + shipped VQ config, 3 seeds, photos, throughput
+    python bench/image_tokenizers.py --minutes 0.5 --seeds 0  # smoke run
+    python bench/image_tokenizers.py --sections shapes --kinds vqgan --vq-config train/configs/vqgan-shapes.json
 
 (a) shapes: each tokenizer trains for --minutes (plain loop, AdamW + warm-up/cosine LR as the
     engine; the LR schedule follows the clock so it ends on time) on 64x64 `shapes` train scenes,
