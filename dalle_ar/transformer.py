@@ -216,8 +216,11 @@ class Transformer(nn.Module):
         0 .. pos (all slots with a static cache); on CUDA, under autocast and with dropout in
         training mode it is the module path, `forward` with one position.
         """
+        # ZeRO-3 (a training run's sample grids) partitions weights and gathers them only around module
+        # calls, which the flat step does not make: such a model takes the module path.
         if (x.is_cuda or torch.is_autocast_enabled(x.device.type) or cache.kv is None
-                or (self.training and any(b.attn.dropout for b in self.blocks))):
+                or (self.training and any(b.attn.dropout for b in self.blocks))
+                or hasattr(self.blocks[0].attn.qkv.weight, "ds_id")):
             return self.forward(x[:, None], cache, start=pos)[:, 0]
         if pos >= self.max_len:
             raise ValueError(f"position {pos} exceeds max_len={self.max_len}")

@@ -179,17 +179,31 @@ def test_a_refused_run_keeps_the_runs_stage_json(dvae_run, capsys, tmp_path):
     before = (out / "stage.json").read_bytes()
     refused([*args, "model.n_hid=16"], capsys, "already holds checkpoints")
     assert (out / "stage.json").read_bytes() == before
-    refused([*args, "model.n_hid=16", "--resume"], capsys, "another model")
+    # --resume compares the arguments with the run's stage.json and names the changed key (issue 22)
+    refused([*args, "model.n_hid=16", "--resume"], capsys, "model.n_hid=16", "the run has 8")
     assert (out / "stage.json").read_bytes() == before
     assert cli_main(["export", str(out), "--out", str(tmp_path / "export")]) == 0  # still the run's model
     assert json.loads((tmp_path / "export" / "config.json").read_text())["n_hid"] == 8
+
+
+def test_resume_without_stage_json_checks_the_checkpoints_model(dvae_run, capsys, tmp_path):
+    """A run folder without stage.json (an older release's, or trained from Python): the engine still
+    refuses a changed model before DeepSpeed loads anything, from the shapes its checkpoint records."""
+    import shutil
+
+    args, out = dvae_run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    (copy / "stage.json").unlink()
+    moved = [str(copy) if a == str(out) else a for a in args]
+    refused([*moved, "model.n_hid=16", "--resume"], capsys, "another model")
 
 
 def test_resume_with_another_batch_size_is_refused(dvae_run, capsys):
     """Finding 8: the saved data position counts batches; another batch size would silently move it."""
     args, out = dvae_run
     before = (out / "stage.json").read_bytes()
-    refused([*args, "--resume", "--steps", "3", "--batch-size", "4"], capsys, "batch_size=8", "this run has 4")
+    refused([*args, "--resume", "--steps", "3", "--batch-size", "4"], capsys, "train.batch_size=4", "the run has 8")
     assert (out / "stage.json").read_bytes() == before
 
 
