@@ -485,7 +485,7 @@ def model_card(pipe: TextToImagePipeline, components: list) -> str:
     card = pipe.card
     datasets = card.get("datasets") or []
     quality = card.get("quality") or {}
-    dalle, dvae = config_to_dict(pipe.dalle.config), config_to_dict(pipe.dvae.config)
+    dalle = config_to_dict(pipe.dalle.config)
     lines = ["---", "library_name: dalle-ar", "pipeline_tag: text-to-image",
              f"license: {card.get('license', 'mit')}", "tags:", "  - text-to-image", "  - dall-e",
              "  - autoregressive"]
@@ -498,7 +498,7 @@ def model_card(pipe: TextToImagePipeline, components: list) -> str:
                   f"            value: {json.dumps(v)}" for k, v in quality.items()]
     lines += ["---", "", f"# {card.get('name', 'dalle-ar text-to-image pipeline')}", ""]
     lines += [card.get("description", "A DALL-E (2021) style pipeline: BPE text tokens, a decoder-only transformer "
-                                      "prior over [text ; image codes], a discrete VAE image decoder"
+                                      "prior over [text ; image codes], an image tokenizer decoder (dVAE or VQGAN)"
                                       + (" and CLIP reranking." if "clip" in components else "."))]
     lines += ["", "```python", "from dalle_ar import TextToImagePipeline", "",
               'pipe = TextToImagePipeline.from_pretrained("path/to/this/folder")',
@@ -510,7 +510,8 @@ def model_card(pipe: TextToImagePipeline, components: list) -> str:
               f"| prior | {pipe.dalle.num_parameters() / 1e6:.2f}M params: dim {dalle['dim']}, depth {dalle['depth']}, "
               f"heads {dalle['heads']}, attention {', '.join(dalle['attn_types'])}, "
               f"{dalle['image_grid']}x{dalle['image_grid']} image codes of {dalle['image_vocab_size']} |",
-              f"| image decoder | dVAE, {dvae['image_size']} px, vocab {dvae['vocab_size']} |",
+              f"| image decoder | {pipe.image_tokenizer_kind}, {pipe.image_tokenizer.image_size} px, "
+                  f"vocab {pipe.image_tokenizer.vocab_size} |",
               f"| reranker | {'CLIP (clip/)' if 'clip' in components else 'none'} |", "",
               f"Sampling defaults: temperature {dalle['temperature']}, guidance scale {dalle['guidance_scale']}.", ""]
     if datasets or card.get("training"):
@@ -522,5 +523,6 @@ def model_card(pipe: TextToImagePipeline, components: list) -> str:
         lines += ["## Quality", "", "| figure | value |", "| --- | --- |"]
         lines += [f"| {k} | {v} |" for k, v in quality.items()] + [""]
     lines += ["## Configs", "", "prior (`dalle/config.json`):", "", "```json", json.dumps(dalle, indent=2), "```", "",
-              "image decoder (`dvae/config.json`):", "", "```json", json.dumps(dvae, indent=2), "```", ""]
+              f"image decoder (`{pipe.image_tokenizer_kind}/config.json`):", "", "```json",
+              json.dumps(config_to_dict(pipe.image_tokenizer.config), indent=2), "```", ""]
     return "\n".join(lines)

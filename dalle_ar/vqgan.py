@@ -549,8 +549,11 @@ class VQGAN(ImageTokenizerMixin, nn.Module):
     # -- save / load
     def save_pretrained(self, directory, state_dict: Optional[dict] = None) -> Path:
         """Write config.json (kind "vqgan") + model.safetensors (`state_dict`, e.g. consolidated by the engine, or the module's)."""
-        expected = self.state_dict()
-        state_dict = expected if state_dict is None else state_dict
+        if state_dict is None:
+            state_dict = expected = self.state_dict()
+        else:  # shapes from the config, not the live module: under ZeRO-3 its parameters are partitioned
+            with torch.device("meta"):
+                expected = VQGAN(self.config).state_dict()
         check_state_dict(state_dict, expected, "state_dict", "the VQGANConfig")
         return io.save_pretrained(directory, self.config, state_dict)
 

@@ -250,6 +250,10 @@ def toy_env(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
     env["TORCH_EXTENSIONS_DIR"] = str(tmp_path_factory.getbasetemp() / "torch_extensions")
     env["PYTHONWARNINGS"] = "ignore"
+    # The uninterrupted reference runs in this process: the subprocesses use its thread count, since
+    # fp32 sums (and so the bitwise comparisons) depend on it, and earlier in-process CLI runs may have
+    # set it by the threads policy (dalle_ar.threads).
+    env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
     return env
 
 

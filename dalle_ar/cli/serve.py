@@ -2,6 +2,8 @@
 
 import argparse
 
+from .common import add_threads_argument
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
@@ -11,7 +13,7 @@ def add_parser(subparsers) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="pipeline directory (dalle-ar pipeline / demo output)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     p.add_argument("--max-batch", type=int, default=16, help="candidates sampled together at most")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 429")
     p.add_argument("--batch-wait", type=float, default=0.5,
@@ -20,8 +22,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1/ (default: $DALLE_AR_API_KEY, else none)")
     p.add_argument("--candidates", type=int, default=8, help="candidates per request that names none")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads for sampling (default: torch's)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    add_threads_argument(p)
     p.add_argument("--clip", default=None, help="CLIP directory to rerank with instead of the pipeline's clip/")
     p.add_argument("--root-path", default="", help="path prefix when served behind a reverse proxy, e.g. /dalle")
     p.set_defaults(func=_run)

@@ -321,19 +321,17 @@ def serve(model_dir, host: str = "127.0.0.1", port: int = 8000, *, max_batch: in
     """Serve the pipeline directory `model_dir` with uvicorn until interrupted. The model loads
     on a thread while the server already answers /healthz (503 until loaded). root_path: the
     path prefix a reverse proxy serves this under (e.g. "/dalle"); threads: torch's CPU threads
-    for sampling (None: torch's default)."""
-    import torch
+    for sampling, set once at start-up (None: the `dalle_ar.threads` policy)."""
     import uvicorn
+
+    from dalle_ar.threads import set_threads
 
     d = Path(model_dir)
     if not (d / PIPELINE_FILE).is_file():
         raise ValueError(f"model {d} is not a pipeline directory: no {PIPELINE_FILE}")
     if not isinstance(port, int) or not 0 <= port < 65536:
         raise ValueError(f"port must be an integer in [0, 65535], got {port!r}")
-    if threads is not None:
-        if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
-            raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
-        torch.set_num_threads(threads)
+    set_threads(threads)  # once for the process: the sampling thread inherits it
     app = create_app(lambda: TextToImagePipeline.from_pretrained(d, device=device, clip=clip),
                      model_name=model_name or d.resolve().name, max_batch=max_batch, max_queue=max_queue,
                      batch_wait=batch_wait,
