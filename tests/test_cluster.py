@@ -19,7 +19,7 @@ from dalle_ar.cli import main as cli_main
 from dalle_ar.train import config_path
 from test_stages import TINY, run  # noqa: F401  (tiny model overrides; shards + tokenizer + dVAE fixture)
 
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
+from run_harness import LAUNCH_VARS  # noqa: E402  (one list of the launcher's variables)
 COMMON = ["train.warmup=1", "data.sample_count=2", "data.num_workers=0"]
 # ZeRO-3 keeps parameters under this many elements whole on every rank; 0 partitions all of them,
 # so tiny models behave like big ones.

@@ -20,7 +20,7 @@ import engine_toy
 from engine_toy import ToyData, ToyLoss, ToyMLP, make_model
 
 TOY = Path(__file__).with_name("engine_toy.py")
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
+from run_harness import LAUNCH_VARS  # noqa: E402  (one list of the launcher's variables)
 
 
 def toy_cfg(**kw):

@@ -12,6 +12,7 @@ import pytest
 
 from dalle_ar.cli import build_parser
 from dalle_ar.cli import main as cli_main
+from run_harness import LAUNCH_VARS
 
 
 def all_parsers(parser, name="dalle-ar"):
@@ -173,7 +174,10 @@ def test_docs_training_walk_from_a_folder_of_images_outside_the_checkout(tmp_pat
     from PIL import Image
 
     tiny_photos(tmp_path)
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    # Without the launcher variables an earlier in-process run left behind: its MASTER_PORT is still
+    # held by this process's process group, and the walk's commands would try to listen on it.
+    env = {**{k: v for k, v in os.environ.items() if k not in LAUNCH_VARS},
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     done = subprocess.run(["bash", "-c", walk_script()], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=1500)
