@@ -42,9 +42,11 @@ from dalle_ar.data import digits, shapes
 from dalle_ar.io import write_json
 from dalle_ar.images import to_pil
 from dalle_ar.pipeline import TextToImagePipeline
+from dalle_ar.rerank import LIKELIHOOD, with_likelihood
 
-PICKS = ("reranked", "random", "oracle")
-PICK_NAMES = {"reranked": "reranked best of {n}", "random": "single sample", "oracle": "best-of-{n} oracle"}
+PICKS = ("reranked", "random", "oracle", "clip", "likelihood")
+PICK_NAMES = {"reranked": "reranked best of {n}", "random": "single sample", "oracle": "best-of-{n} oracle",
+              "clip": "  CLIP + consensus only", "likelihood": "  likelihood ratio only"}
 
 
 def fmt(v) -> str:
@@ -61,15 +63,30 @@ def print_table(header, rows) -> None:
 
 
 def accuracy(judged, tops, column, pick, prompts=None):
-    """Mean over prompts of one column for one pick; None where no prompt has the column (relation)."""
+    """Mean over prompts of one column for one pick; None where no prompt has the column (relation).
+    tops: {ranking: [index of the pick per prompt]} for the ranked picks."""
     vals = []
     for i in prompts if prompts is not None else range(len(judged)):
         col = [j[column] for j in judged[i]]
         if col[0] is None:
             continue
         col = [float(v) for v in col]
-        vals.append({"reranked": col[tops[i]], "random": sum(col) / len(col), "oracle": max(col)}[pick])
+        vals.append(sum(col) / len(col) if pick == "random" else max(col) if pick == "oracle" else col[tops[pick][i]])
     return sum(vals) / len(vals) if vals else None
+
+
+def ranked_tops(results, weight: float) -> list[int]:
+    """Each prompt's top candidate by the pipeline's rule (rerank.with_likelihood) from the candidates'
+    CLIP + consensus scores (NaN without a CLIP) and log-likelihoods; weight inf: likelihood ratio alone."""
+    tops = []
+    for r in results:
+        clip = torch.tensor(r.candidate_scores)
+        lp = torch.tensor(r.candidate_log_probs)
+        scores = None if clip.isnan().all() or weight == float("inf") else clip
+        if weight > 0:
+            scores = with_likelihood(scores, lp, 1.0 if weight == float("inf") else weight)
+        tops.append(0 if scores is None else int(torch.argsort(scores, descending=True, stable=True)[0]))
+    return tops
 
 
 def holds_held_out(attrs) -> bool:
@@ -165,6 +182,8 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--guidance", default=None,
                    help="comma list of guidance scales (default: the model's configured one); e.g. 1.5,1")
+    p.add_argument("--likelihood", type=float, default=LIKELIHOOD,
+                   help="weight of the likelihood ratio in the reranked pick (the pipeline's default)")
     p.add_argument("--recon", type=int, default=256, help="real val images the dVAE reconstructs (shapes)")
     p.add_argument("--speed-prompts", type=int, default=4, help="prompts (x candidates) timed for speed")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -207,9 +226,10 @@ def main(argv=None) -> None:
     rows, detail = [], []
     for g in settings:
         results = pipe(prompts, num_candidates=a.candidates, keep=1, guidance_scale=g, seed=a.seed,
-                       return_candidates=True)
+                       return_candidates=True, likelihood=0.0)  # CLIP + consensus scores; the mix is redone here
         judged = [[judge(i, im) for im in r.candidates] for i, r in enumerate(tqdm(results, desc="judge", leave=False))]
-        tops = [next(j for j, im in enumerate(r.candidates) if im is r.images[0]) for r in results]
+        tops = {"reranked": ranked_tops(results, a.likelihood), "clip": ranked_tops(results, 0.0),
+                "likelihood": ranked_tops(results, float("inf"))}
         entry = {}
         for pick in PICKS:
             entry[pick] = {c: accuracy(judged, tops, c, pick) for c in columns}
@@ -224,7 +244,7 @@ def main(argv=None) -> None:
         scenes = list(shapes.scenes("val", a.recon, a.seed))
         recon = reconstruct(pipe, np.stack([shapes.render(s) for s, _ in scenes]))
         judged = [[shapes.check_image(im, s)] for im, (s, _) in zip(recon, scenes)]
-        tops = [0] * len(judged)
+        tops = {"reranked": [0] * len(judged)}
         entry = {c: accuracy(judged, tops, c, "reranked") for c in columns}
         recon_subsets = scene_kinds([s for s, _ in scenes])
         entry.update({k: accuracy(judged, tops, "exact", "reranked", idx) for k, idx in recon_subsets.items()})

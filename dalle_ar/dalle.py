@@ -115,6 +115,11 @@ def sample_logits(logits: torch.Tensor, u: torch.Tensor, temperature: float = 1.
     return torch.where(bad, probs.argmax(-1), idx)
 
 
+def _token_log_probs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits [B, V])[b, tokens[b]] -> [B]."""
+    return logits.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
+
+
 class DALLE(nn.Module):
     def __init__(self, config: DALLEConfig):
         super().__init__()
@@ -248,7 +253,7 @@ class DALLE(nn.Module):
                  generator: Optional[torch.Generator] = None, prime: Optional[torch.Tensor] = None,
                  null_text: Optional[torch.Tensor] = None,
                  callback: Optional[Callable[[int, torch.Tensor], None]] = None,
-                 noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 noise: Optional[torch.Tensor] = None, return_log_probs: bool = False):
         """Sample image codes for text Long[B, T] -> Long[B, h, w].
 
         temperature > 0 divides the logits; top_k keeps the k likeliest codes, top_p the smallest
@@ -262,6 +267,11 @@ class DALLE(nn.Module):
         `noise` float [B, h*w - r] in [0, 1): the uniforms to sample with instead of drawing them from
         `generator` (row b of a batch gets the same codes as alone with row b of noise, e.g. rows of
         differently seeded prompts).
+        `return_log_probs`: also return float [B, 2], the log-likelihood of each sample's sampled codes
+        (primed rows excluded) under the model's own distribution (temperature 1, no truncation) given
+        its caption, and given the null caption (`null_text`): column 0 - column 1 is the caption's
+        pointwise mutual information with the image, a reranking score. Under guidance both branches
+        run anyway; without it column 1 is NaN (`log_likelihood` computes it in one pass).
         """
         c = self.config
         text = self.check_text(text)
@@ -314,11 +324,15 @@ class DALLE(nn.Module):
                 out[:, :n0] = prime[:B]
             cache = self.new_cache()
             logits = self.prefill(text, cache, prime)
+            log_probs = torch.zeros(2 if guided else 1, B, device=device)
             for i in range(n0, N):
+                model_logits = logits.float()
                 if guided:
-                    cond, uncond = logits.float().chunk(2)
+                    cond, uncond = model_logits.chunk(2)
                     logits = uncond + guidance_scale * (cond - uncond)
                 tok = sample_logits(logits, noise[i - n0], temperature, top_k, top_p)
+                if return_log_probs:
+                    log_probs += _token_log_probs(model_logits, tok.repeat(2) if guided else tok).view(-1, B)
                 out[:, i] = tok
                 if callback is not None:
                     callback(i, out)
@@ -326,7 +340,27 @@ class DALLE(nn.Module):
                     logits = self.step(tok.repeat(2) if guided else tok, i, cache)
         finally:
             self.train(was_training)
-        return out.view(B, g, g)
+        if not return_log_probs:
+            return out.view(B, g, g)
+        if not guided:
+            log_probs = torch.cat([log_probs, torch.full_like(log_probs, float("nan"))])
+        return out.view(B, g, g), log_probs.t().cpu()
+
+    @torch.no_grad()
+    def log_likelihood(self, text: torch.Tensor, codes: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Teacher-forced log p(codes | text) summed over image codes start.. -> float [B] (eval mode;
+        the null caption is `torch.full_like(text, config.pad_id)`)."""
+        text = self.check_text(text)
+        codes = self.check_codes(codes, text.shape[0])
+        was_training = self.training
+        self.eval()
+        try:
+            device = self.text_emb.weight.device
+            _, logits = self.logits(text.to(device), codes.to(device))
+        finally:
+            self.train(was_training)
+        flat = codes.flatten(1).to(device)[:, start:]
+        return _token_log_probs(logits[:, start:].float().flatten(0, 1), flat.flatten()).view(flat.shape).sum(1).cpu()
 
     # ---- bookkeeping -------------------------------------------------------------------------
 

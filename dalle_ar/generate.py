@@ -120,8 +120,8 @@ def generate_to_folder(pipe, prompts_file, out, *, candidates: int = 16, keep: i
                        batch_size: int = 16, grid_rows: int = 64, grid_images: int = 8,
                        temperature: Optional[float] = None, top_k: Optional[int] = None,
                        top_p: Optional[float] = None, guidance_scale: Optional[float] = None,
-                       consensus: Optional[float] = None, negative_prompt: Optional[str] = None,
-                       init_image=None, keep_rows: Optional[int] = None, progress: bool = True) -> dict:
+                       consensus: Optional[float] = None, likelihood: Optional[float] = None,
+                       negative_prompt: Optional[str] = None, init_image=None, keep_rows: Optional[int] = None, progress: bool = True) -> dict:
     """Generate for every prompt of `prompts_file` into `out`; returns a summary dict.
 
     init_image (a path or a PIL image) + keep_rows: complete that image for every prompt (its
@@ -148,7 +148,7 @@ def generate_to_folder(pipe, prompts_file, out, *, candidates: int = 16, keep: i
     jsonl = out / "prompts.jsonl"
     settings = dict(candidates=candidates, keep=keep, batch_size=batch_size, temperature=temperature, top_k=top_k,
                     top_p=top_p, guidance_scale=guidance_scale, consensus=consensus, negative_prompt=negative_prompt,
-                    keep_rows=keep_rows, init_image=_image_digest(init_image), model=pipeline_fingerprint(pipe))
+                    likelihood=likelihood, keep_rows=keep_rows, init_image=_image_digest(init_image), model=pipeline_fingerprint(pipe))
     keys = {n: _row_key(prompt=p, line=n, seed=seed + n, **settings) for n, p in prompts}
     done, dropped = _load_rows(jsonl, out, {k: n for n, k in keys.items()})
     if dropped:
@@ -161,8 +161,8 @@ def generate_to_folder(pipe, prompts_file, out, *, candidates: int = 16, keep: i
             # The seed of a prompt is tied to its line, so a resumed run gives the same images.
             (res,) = pipe([p], num_candidates=candidates, keep=keep, seed=seed + n, batch_size=batch_size,
                           temperature=temperature, top_k=top_k, top_p=top_p,
-                          guidance_scale=guidance_scale, consensus=consensus, negative_prompt=negative_prompt,
-                          init_image=init_image, keep_rows=keep_rows, progress=False)
+                          guidance_scale=guidance_scale, consensus=consensus, likelihood=likelihood,
+                          negative_prompt=negative_prompt, init_image=init_image, keep_rows=keep_rows, progress=False)
             rows = []
             for img, score, rank in zip(res.images, res.scores, res.ranks):
                 rel = f"images/{n:06d}_{rank}.png"

@@ -33,7 +33,7 @@ from .dalle import DALLE
 from .image_tokenizer import KINDS, load_image_tokenizer
 from .images import image_grid, to_pil  # noqa: F401  (image_grid: dalle_ar.pipeline API, docs/api.md)
 from .io import atomic_path, write_json
-from .rerank import CONSENSUS, CLIPReranker, check_consensus
+from .rerank import CONSENSUS, LIKELIHOOD, CLIPReranker, check_consensus, check_likelihood, with_likelihood
 from .threads import check_threads, threads
 from .tokenizer import TextTokenizer
 
@@ -69,6 +69,7 @@ class PromptResult:
     candidates: Optional[list] = None  # all N candidates in sampling order, on request (same type as images)
     candidate_scores: Optional[list] = None
     codes: Optional[list] = None       # the kept images' code grids, Long[grid, grid]
+    candidate_log_probs: Optional[list] = None  # per candidate (log p(codes | prompt), log p(codes | null caption))
 
 
 def check_prompts(prompts) -> list[str]:
@@ -279,49 +280,79 @@ class TextToImagePipeline:
     @torch.no_grad()
     def sample(self, text: torch.Tensor, n: int, *, generator: torch.Generator, batch_size: int,
                progress=None, prime: Optional[torch.Tensor] = None, null_text: Optional[torch.Tensor] = None,
-               on_step: Optional[Callable] = None, decode: bool = True, **sampling):
+               on_step: Optional[Callable] = None, decode: bool = True, log_probs: bool = False, **sampling):
         """n candidates for ONE prompt's tokens text [1,T], in chunks of batch_size -> (codes Long[n, g, g],
-        images float [n,C,H,W] in [0,1] or None without `decode`). prime Long[1, r, g] fixes the
-        first r rows; null_text [1,T] is guidance's unconditional caption; on_step(batch_start, i, codes)."""
-        codes, images = [], []
+        images float [n,C,H,W] in [0,1] or None without `decode`), + log_probs float [n, 2] when asked
+        (`DALLE.generate`'s; without guidance the null caption's column costs one teacher-forced pass).
+        prime Long[1, r, g] fixes the first r rows; null_text [1,T] is guidance's unconditional
+        caption; on_step(batch_start, i, codes)."""
+        codes, images, scores = [], [], []
         for start in range(0, n, batch_size):
             b = min(batch_size, n - start)
             cb = None if on_step is None else (lambda i, c, start=start: on_step(start, i, c))
             z = self.dalle.generate(text.expand(b, -1).to(self.device), generator=generator, callback=cb,
                                     prime=None if prime is None else prime.expand(b, -1, -1),
-                                    null_text=None if null_text is None else null_text.expand(b, -1), **sampling)
+                                    null_text=None if null_text is None else null_text.expand(b, -1),
+                                    return_log_probs=log_probs, **sampling)
+            if log_probs:
+                z, lp = z
+                scores.append(self._fill_null_column(lp, z, null_text, 0 if prime is None else prime[0].numel()))
             codes.append(z.cpu())
             if decode:
                 images.append(self.image_tokenizer.decode(z).float().cpu())
             if progress is not None:
                 progress.update(b)
-        return torch.cat(codes), (torch.cat(images) if decode else None)
+        out = torch.cat(codes), (torch.cat(images) if decode else None)
+        return (*out, torch.cat(scores)) if log_probs else out
 
     @torch.no_grad()
     def sample_rows(self, text: torch.Tensor, noise: torch.Tensor, *, batch_size: int, progress=None,
-               **sampling) -> torch.Tensor:
+                    log_probs: bool = False, **sampling):
         """Images float [B,3,H,W] for rows of prompt tokens text [B,T] and their uniforms noise [B,N]
-        (rows may belong to different prompts), in chunks of batch_size."""
-        out = []
+        (rows may belong to different prompts), in chunks of batch_size; + log_probs [B, 2] when asked."""
+        out, scores = [], []
         for start in range(0, text.shape[0], batch_size):
             rows = slice(start, start + batch_size)
-            codes = self.dalle.generate(text[rows].to(self.device), noise=noise[rows], **sampling)
+            codes = self.dalle.generate(text[rows].to(self.device), noise=noise[rows], return_log_probs=log_probs,
+                                        **sampling)
+            if log_probs:
+                codes, lp = codes
+                scores.append(self._fill_null_column(lp, codes))
             out.append(self.image_tokenizer.decode(codes).float().cpu())
             if progress is not None:
                 progress.update(codes.shape[0])
-        return torch.cat(out)
+        return (torch.cat(out), torch.cat(scores)) if log_probs else torch.cat(out)
+
+    def _fill_null_column(self, log_probs: torch.Tensor, codes: torch.Tensor, null_text=None, start: int = 0):
+        """Without guidance generate() leaves log p(codes | null caption) NaN: one teacher-forced pass."""
+        if log_probs[:, 1].isnan().any():
+            b = codes.shape[0]
+            null = (torch.full((b, self.dalle.config.text_len), self.dalle.config.pad_id, dtype=torch.long)
+                    if null_text is None else null_text.expand(b, -1))
+            log_probs[:, 1] = self.dalle.log_likelihood(null, codes, start=start)
+        return log_probs
 
     def rank(self, prompt: str, images: Optional[list], keep: int, seed: Optional[int],
              consensus: float = CONSENSUS, return_candidates: bool = False, *, outputs: Optional[list] = None,
-             codes: Optional[torch.Tensor] = None) -> PromptResult:
+             codes: Optional[torch.Tensor] = None, log_probs: Optional[torch.Tensor] = None,
+             likelihood: float = LIKELIHOOD) -> PromptResult:
         """Rerank one prompt's candidates (PIL `images`, in sampling order) and keep the `keep` best.
         `outputs` (default: the images) are what the result holds, in the same order; `codes` Long[n, g, g]
-        the candidates' codes. Without a CLIP, candidates keep their sampling order and scores are NaN."""
+        the candidates' codes; `log_probs` [n, 2] their likelihoods with and without the prompt, mixed
+        in with weight `likelihood` (rerank.with_likelihood). With neither a CLIP nor log_probs,
+        candidates keep their sampling order and scores are NaN."""
         outputs = images if outputs is None else outputs
         n = len(outputs)
+        scores = None
         if self.reranker is not None:
-            order, scores = self.reranker.rerank(prompt, images, keep=n, consensus=consensus)
-            order, scores = order.tolist(), scores.tolist()
+            order, ranked = self.reranker.rerank(prompt, images, keep=n, consensus=consensus)
+            scores = torch.empty(n)
+            scores[order] = ranked
+        if log_probs is not None and likelihood > 0:
+            scores = with_likelihood(scores, log_probs, likelihood)
+        if scores is not None:
+            order = torch.argsort(scores, descending=True, stable=True)
+            order, scores = order.tolist(), scores[order].tolist()
         else:
             order, scores = list(range(n)), [float("nan")] * n
         all_scores = [0.0] * n
@@ -336,6 +367,7 @@ class TextToImagePipeline:
             candidates=list(outputs) if return_candidates else None,
             candidate_scores=all_scores if return_candidates else None,
             codes=None if codes is None else [codes[j] for j in order[:keep]],
+            candidate_log_probs=log_probs.tolist() if return_candidates and log_probs is not None else None,
         )
 
     def __call__(
@@ -350,6 +382,7 @@ class TextToImagePipeline:
         guidance_scale: Optional[float] = None,
         negative_prompt=None,
         consensus: Optional[float] = None,
+        likelihood: Optional[float] = None,
         seed: Optional[int] = None,
         generator=None,
         init_image=None,
@@ -368,7 +401,10 @@ class TextToImagePipeline:
         Without a CLIP, candidates keep their sampling order and scores are NaN. temperature and
         guidance_scale None: the prior's configured values (DALLEConfig.temperature,
         DALLEConfig.guidance_scale). consensus: the weight of candidate agreement in the ranking
-        (CLIPReranker.rerank; 0 = CLIP score alone; None = rerank.CONSENSUS).
+        (CLIPReranker.rerank; 0 = CLIP score alone; None = rerank.CONSENSUS). likelihood: the weight of
+        the prior's likelihood ratio log p(image | prompt) - log p(image | null caption), z-scored over
+        the prompt's candidates (rerank.with_likelihood; 0 = off; None = rerank.LIKELIHOOD); it ranks
+        the candidates alone when the pipeline has no CLIP.
 
         negative_prompt (a string, or one per prompt): the unconditional branch of guidance
         (guidance_scale != 1) is conditioned on it instead of the null caption; too long ones are
@@ -390,6 +426,7 @@ class TextToImagePipeline:
         if callback_on_step_end is not None and not callable(callback_on_step_end):
             raise ValueError(f"callback_on_step_end must be callable, got {type(callback_on_step_end).__name__}")
         consensus = CONSENSUS if consensus is None else check_consensus(consensus)
+        likelihood = LIKELIHOOD if likelihood is None else check_likelihood(likelihood)
         generators = self._generators(prompts, seed, generator)
         negatives = _per_prompt(negative_prompt, prompts, "negative_prompt", allow_empty=True)
         init_images = _per_prompt(init_image, prompts, "init_image")
@@ -427,15 +464,15 @@ class TextToImagePipeline:
                                                                       "token": token, "codes": codes})
                         counter[0] += 1
                 decode = output_type != "codes" or self.reranker is not None
-                codes, images = self.sample(text[i:i + 1], num_candidates, generator=generators[i],
-                                            batch_size=batch_size, progress=bar,
-                                            prime=None if primes is None else primes[i],
-                                            null_text=None if null is None else null[i:i + 1],
-                                            on_step=on_step, decode=decode, **sampling)
+                codes, images, *log_probs = self.sample(
+                    text[i:i + 1], num_candidates, generator=generators[i], batch_size=batch_size, progress=bar,
+                    prime=None if primes is None else primes[i], null_text=None if null is None else null[i:i + 1],
+                    on_step=on_step, decode=decode, log_probs=likelihood > 0 or return_candidates, **sampling)
                 pil = to_pil(images) if images is not None else None
                 results.append(self.rank(prompt, pil, keep, None if generator is not None else (seed or 0) + i,
                                          consensus, return_candidates,
-                                         outputs=_convert(output_type, codes, images, pil), codes=codes))
+                                         outputs=_convert(output_type, codes, images, pil), codes=codes,
+                                         log_probs=log_probs[0] if log_probs else None, likelihood=likelihood))
         bar.close()
         return results
 

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 CONSENSUS = 1.0  # default weight of candidate agreement in rerank (why: docs/benchmarks.md, reranker variants)
+LIKELIHOOD = 1.0  # default weight of the prior's likelihood ratio in the pipeline's ranking (docs/benchmarks.md)
 
 
 class CLIPReranker:
@@ -117,6 +118,21 @@ def check_consensus(consensus) -> float:
     if isinstance(consensus, bool) or not isinstance(consensus, (int, float)) or not 0 <= consensus < float("inf"):
         raise ValueError(f"consensus must be a finite number >= 0, got {consensus!r}")
     return float(consensus)
+
+
+def check_likelihood(likelihood) -> float:
+    if isinstance(likelihood, bool) or not isinstance(likelihood, (int, float)) or not 0 <= likelihood < float("inf"):
+        raise ValueError(f"likelihood must be a finite number >= 0, got {likelihood!r}")
+    return float(likelihood)
+
+
+def with_likelihood(scores: Optional[torch.Tensor], log_probs: torch.Tensor, weight: float) -> torch.Tensor:
+    """Add the prior's view to candidate scores [N] (None: no CLIP): weight * z(log p(x | caption) -
+    log p(x | null caption)), log_probs [N, 2] as `DALLE.generate(return_log_probs=True)` gives them.
+    The likelihood ratio (the caption's pointwise mutual information with the candidate) asks how much
+    the caption, rather than the prior alone, explains the image; it costs nothing under guidance."""
+    pmi = _zscore(log_probs[:, 0].float() - log_probs[:, 1].float())
+    return weight * pmi if scores is None else scores + weight * pmi
 
 
 def _zscore(x: torch.Tensor) -> torch.Tensor:

@@ -246,6 +246,29 @@ def test_guidance():
     assert not codes.equal(model.generate(text, top_k=1))
 
 
+@pytest.mark.parametrize("guidance_scale, primed", [(1.0, False), (2.5, False), (2.5, True)])
+def test_generate_returns_the_priors_log_likelihoods(guidance_scale, primed):
+    """return_log_probs: the sampled codes' log-likelihood given the caption and given the null caption
+    (a negative prompt here), at temperature 1 without truncation, whatever the sampling knobs."""
+    model = make(MIXED)
+    text = batch()[0]
+    null = torch.randint(1, model.config.text_vocab_size, text.shape)
+    prime = model.generate(text, generator=seeded(1))[:, :1] if primed else None
+    kw = dict(guidance_scale=guidance_scale, temperature=0.7, top_k=5, prime=prime, null_text=null)
+    codes, lp = model.generate(text, generator=seeded(2), return_log_probs=True, **kw)
+    assert codes.equal(model.generate(text, generator=seeded(2), **kw))  # same draws with or without
+    start = 0 if prime is None else prime[0].numel()
+    assert lp[:, 0].tolist() == pytest.approx(model.log_likelihood(text, codes, start).tolist(), abs=1e-4)
+    if guidance_scale == 1.0:
+        assert lp[:, 1].isnan().all()  # the unconditional branch did not run
+    else:
+        assert lp[:, 1].tolist() == pytest.approx(model.log_likelihood(null, codes, start).tolist(), abs=1e-4)
+    # by hand: the sum of the log softmax of teacher-forced logits at the codes
+    _, logits = model.logits(text, codes)
+    hand = logits.log_softmax(-1).gather(-1, codes.flatten(1)[..., None]).squeeze(-1)[:, start:].sum(1)
+    assert lp[:, 0].tolist() == pytest.approx(hand.tolist(), abs=1e-4)
+
+
 def test_null_text_and_callback():
     model = make(MIXED)
     text = batch()[0]

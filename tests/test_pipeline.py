@@ -42,7 +42,7 @@ def test_layout_and_reload(pipe_dir, pipe):
 
 
 def test_kept_images_are_the_best_scored_candidates(pipe):
-    (res,) = pipe(["a small red circle in the top left"], num_candidates=6, keep=2, seed=3,
+    (res,) = pipe(["a small red circle in the top left"], num_candidates=6, keep=2, seed=3, likelihood=0.0,
                   return_candidates=True, progress=False)
     assert len(res.images) == 2 and res.ranks == [0, 1]
     assert res.images[0].size == (16, 16)
@@ -57,10 +57,42 @@ def test_kept_images_are_the_best_scored_candidates(pipe):
     assert list(first.getdata()) == list(res.images[0].getdata())
     # consensus=0 ranks by the CLIP score alone
     (plain,) = pipe(["a small red circle in the top left"], num_candidates=6, keep=2, seed=3, consensus=0.0,
-                    return_candidates=True, progress=False)
+                    likelihood=0.0, return_candidates=True, progress=False)
     clip = pipe.reranker.score(plain.prompt, plain.candidates)
     assert clip.tolist() == pytest.approx(plain.candidate_scores, abs=1e-4)
     assert plain.scores == pytest.approx(sorted(clip.tolist(), reverse=True)[:2], abs=1e-4)
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 2.0])
+def test_likelihood_ratio_joins_the_ranking(pipe, guidance_scale):
+    """Default ranking = CLIP + consensus + LIKELIHOOD * z(log p(x | prompt) - log p(x | null caption)),
+    the log-likelihoods being the prior's own (teacher-forced pass = what sampling accumulated)."""
+    from dalle_ar.rerank import LIKELIHOOD, _zscore
+
+    prompt = "a small red circle in the top left"
+    kw = dict(num_candidates=6, keep=6, seed=3, guidance_scale=guidance_scale, output_type="codes",
+              return_candidates=True, progress=False)
+    (mixed,) = pipe([prompt], **kw)
+    (clip,) = pipe([prompt], likelihood=0.0, **kw)
+    codes = torch.stack(mixed.candidates)
+    text = pipe.encode_prompts([prompt]).expand(6, -1)
+    cond = pipe.dalle.log_likelihood(text, codes)
+    null = pipe.dalle.log_likelihood(torch.full_like(text, pipe.dalle.config.pad_id), codes)
+    lp = torch.tensor(mixed.candidate_log_probs)
+    assert lp[:, 0].tolist() == pytest.approx(cond.tolist(), abs=1e-3)
+    assert lp[:, 1].tolist() == pytest.approx(null.tolist(), abs=1e-3)
+    pmi = lp[:, 0] - lp[:, 1]
+    expected = torch.tensor(clip.candidate_scores) + LIKELIHOOD * _zscore(pmi)
+    assert mixed.candidate_scores == pytest.approx(expected.tolist(), abs=1e-4)
+    order = torch.argsort(expected, descending=True, stable=True).tolist()
+    assert [c.tolist() for c in mixed.images] == [codes[j].tolist() for j in order]
+    # Without a CLIP, the likelihood ratio ranks alone (and 0 keeps the sampling order).
+    bare = TextToImagePipeline(pipe.tokenizer, pipe.image_tokenizer, pipe.dalle, reranker=None)
+    (alone,) = bare([prompt], **kw)
+    assert [c.tolist() for c in alone.images] == \
+        [codes[j].tolist() for j in torch.argsort(pmi, descending=True, stable=True)]
+    (unranked,) = bare([prompt], likelihood=0.0, **kw)
+    assert [c.tolist() for c in unranked.images] == [c.tolist() for c in codes]
 
 
 def test_same_seed_same_images(pipe):
@@ -304,6 +336,8 @@ def test_image_completion_keeps_the_init_images_rows(pipe):
     (dict(keep_rows=2), "keep_rows"),
     (dict(output_type="latent"), "output_type"),
     (dict(seed="1"), "seed"),
+    (dict(likelihood=-1.0), "likelihood"),
+    (dict(likelihood="1"), "likelihood"),
 ])
 def test_invalid_knobs(pipe, kwargs, name):
     from PIL import Image

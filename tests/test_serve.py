@@ -326,7 +326,9 @@ def test_batches_merge_requests_and_keep_each_requests_images(pipe):
         got = [np.asarray(im) for im in res.images]
         assert all(np.array_equal(png(data), want) for data, want in zip(answer.pngs, got))
         assert len(got) == keep and all(np.array_equal(a, b) for a, b in zip(got, pixels))
-        assert res.scores == pytest.approx(scores, abs=1e-4)
+        # Scores hold the z-scored likelihood ratio: sums of 64 log-probabilities from batches of
+        # another make-up differ in the 5th digit, and z-scoring over few candidates magnifies that.
+        assert res.scores == pytest.approx(scores, abs=1e-3)
 
 
 # ---- a real server ---------------------------------------------------------------------------

@@ -45,6 +45,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--consensus", type=float, default=None,
                    help="weight of the candidates' agreement in the ranking (0: CLIP score alone); "
                         "default: the pipeline's (1.0)")
+    p.add_argument("--likelihood", type=float, default=None,
+                   help="weight of the prior's likelihood ratio log p(image | prompt) - log p(image | null caption) "
+                        "in the ranking (0: off); default: the pipeline's (1.0)")
     p.add_argument("--negative-prompt", default=None,
                    help="guidance's unconditional branch reads this caption instead of the null one "
                         "(needs --guidance-scale != 1)")
@@ -73,7 +76,7 @@ def _generate(args) -> int:
                        torch_dtype=args.dtype, num_threads=args.threads, rerank=not args.no_rerank,
                        candidates=args.candidates, keep=args.keep, seed=args.seed, batch_size=args.batch_size,
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                       guidance_scale=args.guidance_scale, consensus=args.consensus,
+                       guidance_scale=args.guidance_scale, consensus=args.consensus, likelihood=args.likelihood,
                        negative_prompt=args.negative_prompt, init_image=args.init_image,
                        keep_rows=args.keep_rows)
     print(json.dumps(summary, indent=2))

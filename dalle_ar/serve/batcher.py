@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 
 from ..pipeline import PromptResult, TextToImagePipeline, to_pil
-from ..rerank import CONSENSUS
+from ..rerank import CONSENSUS, LIKELIHOOD
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,7 @@ class Job:
     seed: int
     sampling: dict                  # DALLE.generate keywords (TextToImagePipeline.sampling_options)
     consensus: float = CONSENSUS
+    likelihood: float = LIKELIHOOD
     future: Optional[asyncio.Future] = None
     submitted: float = field(default_factory=time.monotonic)
     started: Optional[float] = None  # when its first candidates went into a batch
@@ -84,6 +85,7 @@ class Job:
     done: int = 0                   # candidates sampled so far
     cancelled: bool = False
     images: list = field(default_factory=list)  # sampled candidates, in sampling order (worker thread)
+    log_probs: list = field(default_factory=list)  # their [n, 2] log-likelihoods with / without the prompt
     noise: Optional[torch.Tensor] = None         # its uniforms, drawn on the worker thread
 
     @property
@@ -264,13 +266,17 @@ class Batcher:
                 job.noise = self.pipeline.candidate_noise(job.seed, job.candidates)
         text = torch.cat([job.text.expand(b - a, -1) for job, a, b in rows])
         noise = torch.cat([job.noise[a:b] for job, a, b in rows])
-        images = to_pil(self.pipeline.sample_rows(text, noise, batch_size=len(text), **rows[0][0].sampling))
+        images, log_probs = self.pipeline.sample_rows(text, noise, batch_size=len(text), log_probs=True,
+                                                      **rows[0][0].sampling)
+        images = to_pil(images)
         finished, i = [], 0
         for job, a, b in rows:
             job.images.extend(images[i:i + b - a])
+            job.log_probs.append(log_probs[i:i + b - a])
             job.done += b - a
             i += b - a
             if job.done == job.candidates and not job.cancelled:
-                result = self.pipeline.rank(job.prompt, job.images, job.keep, job.seed, job.consensus)
+                result = self.pipeline.rank(job.prompt, job.images, job.keep, job.seed, job.consensus,
+                                            log_probs=torch.cat(job.log_probs), likelihood=job.likelihood)
                 finished.append((job, Answer(result, [png_bytes(im) for im in result.images])))
         return finished, len(text)
