@@ -31,7 +31,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -46,7 +46,9 @@ from dalle_ar.images import image_grid, to_pil
 from dalle_ar.io import config_from_dict, load_config, write_json
 from dalle_ar.threads import set_threads
 from dalle_ar.tokenizer import TextTokenizer
-from dalle_ar.vqgan import VQGAN, VQGANConfig
+from dalle_ar.vqgan import VQGAN
+from dalle_ar.vqgan_loss import PatchDiscriminator, VQGANTrainingConfig, adaptive_weight, conv_weight_grad, \
+    d_loss, g_loss, last_layer_grad_norm, load_perceptual
 
 from . import find_config
 from .init_from import init_from_export
@@ -100,6 +102,7 @@ class Built:
     make_batches: Callable
     hooks: dict
     export: Callable[[Path], None]
+    aux: Optional[engine.Auxiliary] = None  # a second model with its own optimizer (a GAN's discriminator)
 
 
 def save_grid(images: torch.Tensor, nrow: int, path: Path, writer=None, tag: str = "", step: int = 0,
@@ -304,10 +307,13 @@ class DVAEStage(Stage):
 
 
 class VQGANStage(Stage):
-    """The VQ image tokenizer: reconstruction (L1/L2, edge-weighted) + the quantizer's loss."""
+    """The VQ image tokenizer: reconstruction (L1/L2, edge-weighted) + the quantizer's loss, optionally an
+    LPIPS-style perceptual term and a patch-GAN discriminator (dalle_ar/vqgan_loss.py), trained by the
+    engine as an `Auxiliary` with its own optimizer. The model section takes both the tokenizer's and the
+    loss's keys (VQGANTrainingConfig); the export holds the tokenizer only."""
 
     name = "vqgan"
-    model_config_cls = VQGANConfig
+    model_config_cls = VQGANTrainingConfig
 
     @classmethod
     def resolve(cls, model_cfg, train_cfg, data_cfg):
@@ -315,10 +321,68 @@ class VQGANStage(Stage):
 
     def build_model(self):
         self.val_codes = []
-        return VQGAN(self.model_cfg)
+        self.loss_cfg = lc = self.model_cfg.loss_config()
+        self.perceptual = load_perceptual(lc.perceptual_weights) if lc.perceptual_weight else None
+        model = VQGAN(self.model_cfg.tokenizer_config())
+        self._last_layer = None  # (input, output) of decoder.conv_out in the current forward, for the adaptive weight
+        self._conv_out = model.decoder.conv_out
+        if lc.gan and lc.adaptive_weight:
+            model.decoder.conv_out.register_forward_hook(self._keep_last_layer)
+        return model
 
-    def loss_fn(self, model, batch, step):
-        return model(batch["image"], step=step)
+    def _keep_last_layer(self, module, inputs, output):
+        self._last_layer = (inputs[0], output) if torch.is_grad_enabled() and output.requires_grad else None
+
+    def build(self):
+        built = super().build()
+        if self.loss_cfg.gan:
+            built.aux = engine.Auxiliary(PatchDiscriminator(self.loss_cfg, self.model_cfg.out_ch), self.disc_loss_fn,
+                                         active=self.loss_cfg.gan_on, name="d")
+        return built
+
+    def loss_fn(self, model, batch, step, disc=None):
+        """The generator's loss; with `disc` (the discriminator's engine, from model.disc_start on) + the GAN
+        term, leaving the real and (detached) reconstructed images in `batch` for `disc_loss_fn`."""
+        if self.perceptual is None and disc is None:
+            return model(batch["image"], step=step)
+        return model(batch["image"], step=step, extra_loss=lambda recon, target, nll: self.extra_loss(
+            recon, target, nll, None if disc is None else disc.module, batch))
+
+    def extra_loss(self, recon, target, nll, disc, batch):
+        """Perceptual and GAN terms, inside the tokenizer's forward (its engine's). The discriminator runs as its
+        module with its parameters frozen by the engine, and is differentiated once, here: the GAN term enters
+        the loss as a surrogate with the same value and the same gradient for the generator, so the engine's
+        backward never re-enters the discriminator (under ZeRO-3 a second backward through it finds its
+        weights released)."""
+        lc, loss, parts = self.loss_cfg, 0.0, {}
+        if self.perceptual is not None:
+            p = self.perceptual.to(recon.device)(target, recon).mean()
+            nll, loss = nll + lc.perceptual_weight * p, loss + lc.perceptual_weight * p
+            parts["perceptual"] = p.detach()
+        if disc is not None:
+            dtype = batch["image"].dtype
+            g = g_loss(disc(recon.to(dtype)).float())
+            weight = torch.tensor(float(lc.disc_weight))
+            if lc.adaptive_weight:
+                layer_in, layer_out = self._last_layer
+                conv = self._conv_out
+                shape = getattr(conv.weight, "ds_shape", conv.weight.shape)  # ZeRO-3: the live weight is a shard
+                grad_recon, grad_out = torch.autograd.grad(g, (recon, layer_out), retain_graph=True)
+                weight = adaptive_weight(last_layer_grad_norm(nll, layer_in, layer_out, conv, shape),
+                                         conv_weight_grad(layer_in, grad_out, conv, shape).norm(), lc.disc_weight)
+            else:
+                (grad_recon,) = torch.autograd.grad(g, recon, retain_graph=True)
+            surrogate = (recon * grad_recon.detach()).sum()  # d/d(generator) = d g_loss/d(generator)
+            loss = loss + lc.disc_factor * weight * (g.detach() + surrogate - surrogate.detach())
+            parts.update(g_loss=g.detach(), g_weight=weight.detach())
+            batch["real"], batch["fake"] = target.to(dtype), recon.detach().to(dtype)
+        return loss, parts
+
+    def disc_loss_fn(self, disc, batch, step):
+        """The discriminator's loss on the real images and the generator's detached reconstructions."""
+        logits_real, logits_fake = disc(batch["real"]).float(), disc(batch["fake"]).float()
+        loss = self.loss_cfg.disc_factor * d_loss(logits_real, logits_fake, self.loss_cfg.disc_loss)
+        return loss, {"logits_real": logits_real.mean().detach(), "logits_fake": logits_fake.mean().detach()}
 
     @torch.no_grad()
     def on_checkpoint(self, step, model, writer):
@@ -542,7 +606,7 @@ def run_stage(stage: str, train_shards, out, *, val_shards=None, config_file=Non
 
     result = engine.train(built.model, built.loss_fn, built.make_batches, st.train_cfg, out,
                           ds_config=engine.load_ds_config(ds_config, ds_over),
-                          hooks={**built.hooks, "on_start": on_start}, resume=resume)
+                          hooks={**built.hooks, "on_start": on_start}, resume=resume, aux=built.aux)
     if result.get("export_dir") and engine.is_rank0():
         built.export(Path(result["export_dir"]))
         metrics = st.evaluate(built.model)

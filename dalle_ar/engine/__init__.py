@@ -55,10 +55,10 @@ from .checkpoint import (COMPLETE, FP32_FILE, STATE_FILE, TAG_RE, RunState, expo
 from .config import PRECISIONS, SCHEDULES, TrainConfig, apply_overrides, fit_to_run, lr_at
 from .deepspeed_config import CONFIG_DIR, load_ds_config, resolve_ds_config
 from .dist import free_port, init_distributed, is_rank0
-from .loop import Meter, train
+from .loop import Auxiliary, Meter, train
 from .optim import param_groups
 
-__all__ = ["TrainConfig", "train", "lr_at", "fit_to_run", "apply_overrides", "load_ds_config", "resolve_ds_config", "CONFIG_DIR",
+__all__ = ["TrainConfig", "train", "Auxiliary", "lr_at", "fit_to_run", "apply_overrides", "load_ds_config", "resolve_ds_config", "CONFIG_DIR",
            "init_distributed", "is_rank0", "free_port", "seed_everything", "param_groups", "RunState", "Meter",
            "latest_checkpoint", "export_checkpoint", "TAG_RE", "COMPLETE", "STATE_FILE", "FP32_FILE",
            "PRECISIONS", "SCHEDULES", "weights_only_loads"]
