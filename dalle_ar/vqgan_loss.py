@@ -40,7 +40,7 @@ class VQGANLossConfig:
     disc_factor: float = 1.0        # multiplies both the generator's and the discriminator's GAN loss once on
     disc_layers: int = 3            # NLayerDiscriminator's n_layers
     disc_ndf: int = 64              # its first layer's width
-    disc_norm: str = "batch"        # "batch" (taming) or "group" (per-sample: the same under any batch split)
+    disc_norm: str = "group"        # "group" (per-sample, no buffers: see docs/training.md) or "batch" (taming's)
     disc_loss: str = "hinge"        # or "vanilla" (softplus)
     adaptive_weight: bool = True    # taming's grad-norm ratio; False: the GAN term's weight is disc_weight
     perceptual_weight: float = 0.0  # LPIPS weight in the reconstruction loss (needs perceptual_weights)
@@ -93,8 +93,19 @@ class VQGANTrainingConfig(VQGANLossConfig, VQGANConfig):
 
 # ---- the discriminator -----------------------------------------------------------------------------
 
+class _BatchNorm(nn.BatchNorm2d):
+    """BatchNorm2d computed in fp32: under bf16/fp16 DeepSpeed casts the parameters but keeps the running
+    statistics (buffers) fp32, which batch_norm refuses to mix."""
+
+    def forward(self, x):
+        if self.training:
+            self.num_batches_tracked.add_(1)
+        return F.batch_norm(x.float(), self.running_mean, self.running_var, self.weight.float(), self.bias.float(),
+                            self.training, self.momentum, self.eps).to(x.dtype)
+
+
 def _norm(kind: str, n: int) -> nn.Module:
-    return nn.BatchNorm2d(n) if kind == "batch" else nn.GroupNorm(min(32, n), n)
+    return _BatchNorm(n) if kind == "batch" else nn.GroupNorm(min(32, n), n)
 
 
 class PatchDiscriminator(nn.Module):

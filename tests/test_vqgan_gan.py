@@ -46,7 +46,11 @@ def test_discriminator_is_taming_nlayer_layout():
     assert names == ["main.0.weight", "main.2.weight", "main.3.weight", "main.5.weight", "main.6.weight",
                      "main.8.weight", "main.9.weight", "main.11.weight"]  # conv, (conv, norm) x 3, conv
     assert disc(torch.zeros(2, 3, 64, 64)).shape == (2, 1, 6, 6)  # 64 / 2**3 = 8 -> two stride-1 4x4 convs
-    assert PatchDiscriminator(VQGANLossConfig(disc_norm="group", disc_ndf=8)).main[3].__class__.__name__ == "GroupNorm"
+    assert isinstance(disc.main[3], torch.nn.GroupNorm)  # the default: per-sample, no buffers
+    bn = PatchDiscriminator(VQGANLossConfig(disc_norm="batch", disc_ndf=8))  # taming's, computed in fp32
+    assert isinstance(bn.main[3], torch.nn.BatchNorm2d) and "main.3.running_mean" in bn.state_dict()
+    bn.main[3].weight.data = bn.main[3].weight.data.bfloat16()  # as DeepSpeed leaves it under bf16: fp32 buffers
+    assert bn.main[3](torch.randn(2, 16, 8, 8).bfloat16()).dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("bad", [dict(disc_loss="wgan"), dict(disc_norm="layer"), dict(disc_weight=-1),

@@ -14,9 +14,10 @@ The stage contract (adding a stage = one class + one line in STAGES):
     resolve(model_cfg, train_cfg, data_cfg) -> (model_cfg, train_cfg, data_cfg)
         classmethod, pure: fills what the inputs decide (vocab sizes, grid, restart step). Its result
         is what the run's stage.json records and what `dalle-ar export` rebuilds the model from.
-    build() -> Built(model, loss_fn, make_batches, hooks, export)
+    build() -> Built(model, loss_fn, make_batches, hooks, export, aux=None)
         everything the engine needs, together; `export(dir)` adds what besides config.json +
-        model.safetensors the export needs.
+        model.safetensors the export needs; `aux` an optional second model with its own optimizer
+        (engine.Auxiliary: the VQGAN's discriminator).
     eval_batch(model, batch) -> ({metric: batch mean}, batch size), plus optional eval_loader_kwargs()
         and eval_summary(): one shared evaluation loop (`evaluate`) runs them over the val shards, every
         train.eval_every steps through the engine's on_eval hook (TensorBoard val/*) and at the end
