@@ -314,6 +314,7 @@ class VQGANStage(Stage):
     loss's keys (VQGANTrainingConfig); the export holds the tokenizer only."""
 
     name = "vqgan"
+    summary = "the VQ image tokenizer (VQGAN / FSQ; optionally a patch-GAN discriminator) on image shards"
     model_config_cls = VQGANTrainingConfig
 
     @classmethod
