@@ -157,17 +157,64 @@ def conv_weight_grad(layer_in: torch.Tensor, grad_out: torch.Tensor, conv: nn.Co
                                        padding=conv.padding, dilation=conv.dilation, groups=conv.groups)
 
 
-def last_layer_grad_norm(loss: torch.Tensor, layer_in: torch.Tensor, layer_out: torch.Tensor, conv: nn.Conv2d,
-                         weight_shape) -> torch.Tensor:
-    """||d loss / d conv.weight|| for a conv whose input and output in this forward are layer_in, layer_out."""
-    (grad_out,) = torch.autograd.grad(loss, layer_out, retain_graph=True)
-    return conv_weight_grad(layer_in, grad_out, conv, weight_shape).norm()
-
-
 def adaptive_weight(nll_grad_norm: torch.Tensor, g_grad_norm: torch.Tensor, disc_weight: float) -> torch.Tensor:
     """taming's balance of the GAN term against the reconstruction: ||grad nll|| / (||grad g|| + 1e-4), clamped
     to [0, 1e4], detached, times disc_weight."""
     return (nll_grad_norm / (g_grad_norm + 1e-4)).clamp(0.0, 1e4).detach() * disc_weight
+
+
+class LastLayer:
+    """Keeps the input and output of a conv (the decoder's last, `decoder.conv_out`) in the current forward:
+    the adaptive weight's gradient norms w.r.t. its weight come from them (see `conv_weight_grad`)."""
+
+    def __init__(self, conv: nn.Conv2d):
+        self.conv, self.io = conv, None
+        conv.register_forward_hook(self._keep)
+
+    def _keep(self, module, inputs, output):
+        self.io = (inputs[0], output) if torch.is_grad_enabled() and output.requires_grad else None
+
+    def grad_norm(self, grad_out: torch.Tensor) -> torch.Tensor:
+        shape = getattr(self.conv.weight, "ds_shape", self.conv.weight.shape)  # ZeRO-3: the live weight is a shard
+        return conv_weight_grad(self.io[0], grad_out, self.conv, shape).norm()
+
+
+def generator_terms(cfg: VQGANLossConfig, recon: torch.Tensor, target: torch.Tensor, nll: torch.Tensor,
+                    perceptual: "Perceptual | None" = None, disc: "nn.Module | None" = None,
+                    last_layer: "LastLayer | None" = None, dtype=None) -> tuple:
+    """The generator's perceptual and GAN terms -> (loss to add, parts). recon / target in [-1,1], nll the
+    reconstruction loss (all with gradients). `disc` is the discriminator's module, its parameters frozen by
+    the caller; it is differentiated once, here, and the GAN term enters the loss as a surrogate with the
+    same value and the same gradient for the generator: a backward through the returned loss never
+    re-enters the discriminator (under ZeRO-3 a second backward through it finds its weights released).
+    The adaptive weight (with `last_layer`, which saw this forward) uses the gradients at the last layer's
+    output, never its parameter (a partitioned shard under ZeRO-3)."""
+    loss, parts = 0.0, {}
+    if perceptual is not None:
+        p = perceptual.to(recon.device)(target, recon).mean()
+        nll, loss = nll + cfg.perceptual_weight * p, loss + cfg.perceptual_weight * p
+        parts["perceptual"] = p.detach()
+    if disc is not None:
+        g = g_loss(disc(recon.to(dtype or recon.dtype)).float())
+        if cfg.adaptive_weight:
+            layer_out = last_layer.io[1]
+            grad_recon, grad_out = torch.autograd.grad(g, (recon, layer_out), retain_graph=True)
+            (nll_out,) = torch.autograd.grad(nll, layer_out, retain_graph=True)
+            weight = adaptive_weight(last_layer.grad_norm(nll_out), last_layer.grad_norm(grad_out), cfg.disc_weight)
+        else:
+            (grad_recon,) = torch.autograd.grad(g, recon, retain_graph=True)
+            weight = torch.tensor(float(cfg.disc_weight))
+        surrogate = (recon * grad_recon.detach()).sum()  # its gradient w.r.t. the generator is g's
+        loss = loss + cfg.disc_factor * weight * (g.detach() + surrogate - surrogate.detach())
+        parts.update(g_loss=g.detach(), g_weight=weight.detach())
+    return loss, parts
+
+
+def discriminator_loss(cfg: VQGANLossConfig, disc, real: torch.Tensor, fake: torch.Tensor) -> tuple:
+    """The discriminator's loss on real images and (detached) reconstructions -> (loss, parts)."""
+    logits_real, logits_fake = disc(real).float(), disc(fake).float()
+    loss = cfg.disc_factor * d_loss(logits_real, logits_fake, cfg.disc_loss)
+    return loss, {"logits_real": logits_real.mean().detach(), "logits_fake": logits_fake.mean().detach()}
 
 
 # ---- the perceptual loss -----------------------------------------------------------------------------
@@ -264,6 +311,7 @@ def perceptual_state_dict_shapes() -> dict:
     return {k: tuple(v.shape) for k, v in Perceptual().state_dict().items()}
 
 
-__all__ = ["VQGANLossConfig", "VQGANTrainingConfig", "PatchDiscriminator", "d_loss", "g_loss", "adaptive_weight", "last_layer_grad_norm", "conv_weight_grad",
+__all__ = ["VQGANLossConfig", "VQGANTrainingConfig", "PatchDiscriminator", "d_loss", "g_loss", "adaptive_weight", "conv_weight_grad",
+           "LastLayer", "generator_terms", "discriminator_loss",
            "Perceptual", "load_perceptual", "perceptual_state_dict_shapes", "DISC_LOSSES", "DISC_NORMS"]
 

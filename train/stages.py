@@ -48,8 +48,8 @@ from dalle_ar.io import config_from_dict, load_config, write_json
 from dalle_ar.threads import set_threads
 from dalle_ar.tokenizer import TextTokenizer
 from dalle_ar.vqgan import VQGAN
-from dalle_ar.vqgan_loss import PatchDiscriminator, VQGANTrainingConfig, adaptive_weight, conv_weight_grad, \
-    d_loss, g_loss, last_layer_grad_norm, load_perceptual
+from dalle_ar.vqgan_loss import LastLayer, PatchDiscriminator, VQGANTrainingConfig, discriminator_loss, \
+    generator_terms, load_perceptual
 
 from . import find_config
 from .init_from import init_from_export
@@ -326,14 +326,8 @@ class VQGANStage(Stage):
         self.loss_cfg = lc = self.model_cfg.loss_config()
         self.perceptual = load_perceptual(lc.perceptual_weights) if lc.perceptual_weight else None
         model = VQGAN(self.model_cfg.tokenizer_config())
-        self._last_layer = None  # (input, output) of decoder.conv_out in the current forward, for the adaptive weight
-        self._conv_out = model.decoder.conv_out
-        if lc.gan and lc.adaptive_weight:
-            model.decoder.conv_out.register_forward_hook(self._keep_last_layer)
+        self.last_layer = LastLayer(model.decoder.conv_out) if lc.gan and lc.adaptive_weight else None
         return model
-
-    def _keep_last_layer(self, module, inputs, output):
-        self._last_layer = (inputs[0], output) if torch.is_grad_enabled() and output.requires_grad else None
 
     def build(self):
         built = super().build()
@@ -344,47 +338,22 @@ class VQGANStage(Stage):
 
     def loss_fn(self, model, batch, step, disc=None):
         """The generator's loss; with `disc` (the discriminator's engine, from model.disc_start on) + the GAN
-        term, leaving the real and (detached) reconstructed images in `batch` for `disc_loss_fn`."""
+        term, computed inside the tokenizer's engine forward with the discriminator's module (frozen by the
+        engine); the real and detached reconstructed images are left in `batch` for `disc_loss_fn`."""
         if self.perceptual is None and disc is None:
             return model(batch["image"], step=step)
-        return model(batch["image"], step=step, extra_loss=lambda recon, target, nll: self.extra_loss(
-            recon, target, nll, None if disc is None else disc.module, batch))
+        dtype = batch["image"].dtype
 
-    def extra_loss(self, recon, target, nll, disc, batch):
-        """Perceptual and GAN terms, inside the tokenizer's forward (its engine's). The discriminator runs as its
-        module with its parameters frozen by the engine, and is differentiated once, here: the GAN term enters
-        the loss as a surrogate with the same value and the same gradient for the generator, so the engine's
-        backward never re-enters the discriminator (under ZeRO-3 a second backward through it finds its
-        weights released)."""
-        lc, loss, parts = self.loss_cfg, 0.0, {}
-        if self.perceptual is not None:
-            p = self.perceptual.to(recon.device)(target, recon).mean()
-            nll, loss = nll + lc.perceptual_weight * p, loss + lc.perceptual_weight * p
-            parts["perceptual"] = p.detach()
-        if disc is not None:
-            dtype = batch["image"].dtype
-            g = g_loss(disc(recon.to(dtype)).float())
-            weight = torch.tensor(float(lc.disc_weight))
-            if lc.adaptive_weight:
-                layer_in, layer_out = self._last_layer
-                conv = self._conv_out
-                shape = getattr(conv.weight, "ds_shape", conv.weight.shape)  # ZeRO-3: the live weight is a shard
-                grad_recon, grad_out = torch.autograd.grad(g, (recon, layer_out), retain_graph=True)
-                weight = adaptive_weight(last_layer_grad_norm(nll, layer_in, layer_out, conv, shape),
-                                         conv_weight_grad(layer_in, grad_out, conv, shape).norm(), lc.disc_weight)
-            else:
-                (grad_recon,) = torch.autograd.grad(g, recon, retain_graph=True)
-            surrogate = (recon * grad_recon.detach()).sum()  # d/d(generator) = d g_loss/d(generator)
-            loss = loss + lc.disc_factor * weight * (g.detach() + surrogate - surrogate.detach())
-            parts.update(g_loss=g.detach(), g_weight=weight.detach())
-            batch["real"], batch["fake"] = target.to(dtype), recon.detach().to(dtype)
-        return loss, parts
+        def extra_loss(recon, target, nll):
+            if disc is not None:
+                batch["real"], batch["fake"] = target.to(dtype), recon.detach().to(dtype)
+            return generator_terms(self.loss_cfg, recon, target, nll, self.perceptual,
+                                   disc.module if disc is not None else None, self.last_layer, dtype)
+
+        return model(batch["image"], step=step, extra_loss=extra_loss)
 
     def disc_loss_fn(self, disc, batch, step):
-        """The discriminator's loss on the real images and the generator's detached reconstructions."""
-        logits_real, logits_fake = disc(batch["real"]).float(), disc(batch["fake"]).float()
-        loss = self.loss_cfg.disc_factor * d_loss(logits_real, logits_fake, self.loss_cfg.disc_loss)
-        return loss, {"logits_real": logits_real.mean().detach(), "logits_fake": logits_fake.mean().detach()}
+        return discriminator_loss(self.loss_cfg, disc, batch["real"], batch["fake"])
 
     @torch.no_grad()
     def on_checkpoint(self, step, model, writer):
