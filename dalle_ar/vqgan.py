@@ -533,8 +533,12 @@ class VQGAN(ImageTokenizerMixin, nn.Module):
             err = err * (1 + c.edge_weight * edge_map(target))
         return err.mean()
 
-    def forward(self, images: torch.Tensor, step: Optional[int] = None):
-        """-> (loss, parts): reconstruction + quantizer loss. parts: recon, quant, psnr, used (codes in the batch)."""
+    def forward(self, images: torch.Tensor, step: Optional[int] = None, extra_loss=None):
+        """-> (loss, parts): reconstruction + quantizer loss. parts: recon, quant, psnr, used (codes in the batch).
+        extra_loss(reconstruction, target, reconstruction loss) -> (loss, parts), all in [-1,1] space with
+        gradients: training terms added here, inside forward (the GAN and perceptual terms of
+        dalle_ar/vqgan_loss.py; under DeepSpeed they are then part of the engine's forward, whose outputs
+        may be differentiated only by engine.backward)."""
         from .dvae import psnr
 
         x = self._check_images(images).float()
@@ -544,7 +548,12 @@ class VQGAN(ImageTokenizerMixin, nn.Module):
         parts = {"recon": rec.detach(), "quant": q_loss.detach().float(),
                  "psnr": psnr(((recon.detach() + 1) / 2).clamp(0, 1), x),
                  "used": torch.tensor(float(codes.unique().numel()))}
-        return rec + q_loss, parts
+        loss = rec + q_loss
+        if extra_loss is not None:
+            more, more_parts = extra_loss(recon, target, rec)
+            loss = loss + more
+            parts.update(more_parts)
+        return loss, parts
 
     # -- save / load
     def save_pretrained(self, directory, state_dict: Optional[dict] = None) -> Path:

@@ -82,6 +82,11 @@ STAGES = {
 # script and shapes config are in the tree. Tune its tiny sizes here (one parameter > 10000 elements).
 if (REPO / "train" / "train_vqgan.py").is_file() and (CONFIGS / "vqgan-shapes.json").is_file():
     STAGES["vqgan"] = StageSpec("vqgan", "vqgan-shapes.json", ("model.image_size=32",), _load_vqgan)
+# The VQGAN with its patch-GAN discriminator (a second engine, checkpointed in <tag>/aux): on from step 2, so
+# the kill after step 3 and the resume from step 2 redo a GAN step (its conv 32 -> 64 (4x4) > 10000 elements).
+if (CONFIGS / "vqgan-shapes-gan.json").is_file():
+    STAGES["vqgan_gan"] = StageSpec("vqgan", "vqgan-shapes-gan.json", (
+        "model.image_size=32", "model.disc_start=2", "model.disc_ndf=16", "model.disc_layers=2"), _load_vqgan)
 
 # Every run: every step logged, every checkpoint kept (the data-position trail), the shipped loader
 # workers on (so a group signal reaches them too), short warm-up and sample grids.

@@ -14,9 +14,10 @@ The stage contract (adding a stage = one class + one line in STAGES):
     resolve(model_cfg, train_cfg, data_cfg) -> (model_cfg, train_cfg, data_cfg)
         classmethod, pure: fills what the inputs decide (vocab sizes, grid, restart step). Its result
         is what the run's stage.json records and what `dalle-ar export` rebuilds the model from.
-    build() -> Built(model, loss_fn, make_batches, hooks, export)
+    build() -> Built(model, loss_fn, make_batches, hooks, export, aux=None)
         everything the engine needs, together; `export(dir)` adds what besides config.json +
-        model.safetensors the export needs.
+        model.safetensors the export needs; `aux` an optional second model with its own optimizer
+        (engine.Auxiliary: the VQGAN's discriminator).
     eval_batch(model, batch) -> ({metric: batch mean}, batch size), plus optional eval_loader_kwargs()
         and eval_summary(): one shared evaluation loop (`evaluate`) runs them over the val shards, every
         train.eval_every steps through the engine's on_eval hook (TensorBoard val/*) and at the end
@@ -31,7 +32,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -46,7 +47,9 @@ from dalle_ar.images import image_grid, to_pil
 from dalle_ar.io import config_from_dict, load_config, write_json
 from dalle_ar.threads import set_threads
 from dalle_ar.tokenizer import TextTokenizer
-from dalle_ar.vqgan import VQGAN, VQGANConfig
+from dalle_ar.vqgan import VQGAN
+from dalle_ar.vqgan_loss import LastLayer, PatchDiscriminator, VQGANTrainingConfig, discriminator_loss, \
+    generator_terms, load_perceptual
 
 from . import find_config
 from .init_from import init_from_export
@@ -100,6 +103,7 @@ class Built:
     make_batches: Callable
     hooks: dict
     export: Callable[[Path], None]
+    aux: Optional[engine.Auxiliary] = None  # a second model with its own optimizer (a GAN's discriminator)
 
 
 def save_grid(images: torch.Tensor, nrow: int, path: Path, writer=None, tag: str = "", step: int = 0,
@@ -304,10 +308,14 @@ class DVAEStage(Stage):
 
 
 class VQGANStage(Stage):
-    """The VQ image tokenizer: reconstruction (L1/L2, edge-weighted) + the quantizer's loss."""
+    """The VQ image tokenizer: reconstruction (L1/L2, edge-weighted) + the quantizer's loss, optionally an
+    LPIPS-style perceptual term and a patch-GAN discriminator (dalle_ar/vqgan_loss.py), trained by the
+    engine as an `Auxiliary` with its own optimizer. The model section takes both the tokenizer's and the
+    loss's keys (VQGANTrainingConfig); the export holds the tokenizer only."""
 
     name = "vqgan"
-    model_config_cls = VQGANConfig
+    summary = "the VQ image tokenizer (VQGAN / FSQ; optionally a patch-GAN discriminator) on image shards"
+    model_config_cls = VQGANTrainingConfig
 
     @classmethod
     def resolve(cls, model_cfg, train_cfg, data_cfg):
@@ -315,10 +323,37 @@ class VQGANStage(Stage):
 
     def build_model(self):
         self.val_codes = []
-        return VQGAN(self.model_cfg)
+        self.loss_cfg = lc = self.model_cfg.loss_config()
+        self.perceptual = load_perceptual(lc.perceptual_weights) if lc.perceptual_weight else None
+        model = VQGAN(self.model_cfg.tokenizer_config())
+        self.last_layer = LastLayer(model.decoder.conv_out) if lc.gan and lc.adaptive_weight else None
+        return model
 
-    def loss_fn(self, model, batch, step):
-        return model(batch["image"], step=step)
+    def build(self):
+        built = super().build()
+        if self.loss_cfg.gan:
+            built.aux = engine.Auxiliary(PatchDiscriminator(self.loss_cfg, self.model_cfg.out_ch), self.disc_loss_fn,
+                                         active=self.loss_cfg.gan_on, name="d")
+        return built
+
+    def loss_fn(self, model, batch, step, disc=None):
+        """The generator's loss; with `disc` (the discriminator's engine, from model.disc_start on) + the GAN
+        term, computed inside the tokenizer's engine forward with the discriminator's module (frozen by the
+        engine); the real and detached reconstructed images are left in `batch` for `disc_loss_fn`."""
+        if self.perceptual is None and disc is None:
+            return model(batch["image"], step=step)
+        dtype = batch["image"].dtype
+
+        def extra_loss(recon, target, nll):
+            if disc is not None:
+                batch["real"], batch["fake"] = target.to(dtype), recon.detach().to(dtype)
+            return generator_terms(self.loss_cfg, recon, target, nll, self.perceptual,
+                                   disc.module if disc is not None else None, self.last_layer, dtype)
+
+        return model(batch["image"], step=step, extra_loss=extra_loss)
+
+    def disc_loss_fn(self, disc, batch, step):
+        return discriminator_loss(self.loss_cfg, disc, batch["real"], batch["fake"])
 
     @torch.no_grad()
     def on_checkpoint(self, step, model, writer):
@@ -542,7 +577,7 @@ def run_stage(stage: str, train_shards, out, *, val_shards=None, config_file=Non
 
     result = engine.train(built.model, built.loss_fn, built.make_batches, st.train_cfg, out,
                           ds_config=engine.load_ds_config(ds_config, ds_over),
-                          hooks={**built.hooks, "on_start": on_start}, resume=resume)
+                          hooks={**built.hooks, "on_start": on_start}, resume=resume, aux=built.aux)
     if result.get("export_dir") and engine.is_rank0():
         built.export(Path(result["export_dir"]))
         metrics = st.evaluate(built.model)

@@ -29,6 +29,17 @@ The contract for stage authors:
                                        batches on all ranks); logged as val/<name> (a `val_` prefix is
                                        dropped) and as one line; `model` as for on_checkpoint
     skipped_counts() -> dict           the loader's skip counters; summed over ranks and logged
+- `aux` (optional): an `Auxiliary(model, loss_fn, active, name)`, a second model with its own optimizer (a
+  GAN's discriminator) on a second DeepSpeed engine built from the same DeepSpeed config and the same LR
+  schedule. With it, the main loss is called `loss_fn(model, batch, step, aux)` where `aux` is the
+  auxiliary's engine, or None at steps where `active(step)` is false; while it runs (and its backward),
+  the auxiliary's parameters have requires_grad off, so the main loss gives it no gradient (call its
+  module, `aux.module(x)`, for that: its engine's forward would make its outputs differentiable only by
+  its own backward). Then `aux.loss_fn(aux, batch, step) -> (loss, parts)` runs on the same micro-batch
+  (the main loss_fn may leave detached tensors in `batch` for it) and is back-propagated by its engine;
+  the auxiliary steps after the main optimizer, only at active steps. Its loss is logged as
+  `<name>_loss` with its parts; it is checkpointed into each tag's `aux/` folder and restored on resume
+  (a resume without it, or with another shape, is refused); the export is the main model's only.
 - `out_dir` receives `checkpoints/step00001000/` (DeepSpeed checkpoints; a tag counts only once it
   holds the `complete` marker), `tb/` (TensorBoard), `export/` (config.json + model.safetensors, fp32).
 
@@ -55,10 +66,10 @@ from .checkpoint import (COMPLETE, FP32_FILE, STATE_FILE, TAG_RE, RunState, expo
 from .config import PRECISIONS, SCHEDULES, TrainConfig, apply_overrides, fit_to_run, lr_at
 from .deepspeed_config import CONFIG_DIR, load_ds_config, resolve_ds_config
 from .dist import free_port, init_distributed, is_rank0
-from .loop import Meter, train
+from .loop import Auxiliary, Meter, train
 from .optim import param_groups
 
-__all__ = ["TrainConfig", "train", "lr_at", "fit_to_run", "apply_overrides", "load_ds_config", "resolve_ds_config", "CONFIG_DIR",
+__all__ = ["TrainConfig", "train", "Auxiliary", "lr_at", "fit_to_run", "apply_overrides", "load_ds_config", "resolve_ds_config", "CONFIG_DIR",
            "init_distributed", "is_rank0", "free_port", "seed_everything", "param_groups", "RunState", "Meter",
            "latest_checkpoint", "export_checkpoint", "TAG_RE", "COMPLETE", "STATE_FILE", "FP32_FILE",
            "PRECISIONS", "SCHEDULES", "weights_only_loads"]

@@ -26,6 +26,7 @@ from .dist import barrier
 TAG_RE = re.compile(r"^step(\d{8})$")
 COMPLETE = "complete"            # marker file inside a tag dir, written last
 STATE_FILE = "trainer_state.json"
+AUX_TAG = "aux"                  # an auxiliary engine's checkpoint (e.g. a discriminator): <tag>/aux/
 FP32_FILE = "fp32_weights.safetensors"  # ZeRO-0 bf16/fp16 only: the fp32 master weights
 
 
@@ -115,7 +116,7 @@ def param_shapes(module) -> dict:
     return {name: list(getattr(p, "ds_shape", p.shape)) for name, p in module.named_parameters()}
 
 
-def check_resumable(tag_dir: Path, cfg: TrainConfig, world: int, shapes: dict) -> None:
+def check_resumable(tag_dir: Path, cfg: TrainConfig, world: int, shapes: dict, aux_shapes: Optional[dict] = None) -> None:
     """ValueError, before DeepSpeed reads a byte, if the checkpoint cannot continue this run: other
     parameter shapes (a changed model config), or another batch size, accumulation or process count
     (the saved data position counts batches, so it would point elsewhere in the data)."""
@@ -127,6 +128,14 @@ def check_resumable(tag_dir: Path, cfg: TrainConfig, world: int, shapes: dict) -
                if theirs.get(k) != shapes.get(k)]
         raise ValueError(f"--resume: checkpoint {tag_dir} holds another model ({len(bad)} parameter(s) differ, "
                          f"e.g. {bad[:3]}); resume with the run's model config, or train into a new output directory")
+    if aux_shapes is not None:  # a run with an auxiliary model (a discriminator) resumes only with the same one
+        if not (tag_dir / AUX_TAG).is_dir():
+            raise ValueError(f"--resume: checkpoint {tag_dir} holds no auxiliary model ({AUX_TAG}/) but this run trains "
+                             f"one (e.g. a discriminator switched on): train into a new output directory")
+        theirs = saved.get("aux_param_shapes")
+        if theirs is not None and theirs != aux_shapes:
+            raise ValueError(f"--resume: checkpoint {tag_dir} holds another auxiliary model (e.g. a discriminator of "
+                             f"another size): resume with the run's config, or train into a new output directory")
     old = saved.get("cfg", {})
     then = (old.get("batch_size"), old.get("grad_accum"), saved.get("world_size"))
     if None not in then and then != (cfg.batch_size, cfg.grad_accum, world):
@@ -185,8 +194,9 @@ class Checkpoints:
         self.dir, self.cfg, self.rank, self.world = Path(ckpt_dir), cfg, rank, world
         self.last_tag: Optional[str] = None
 
-    def start(self, engine, resume: bool, say) -> tuple[RunState, Optional[dict]]:
-        """(state, this rank's RNG state or None): resumed from the newest complete tag, or fresh."""
+    def start(self, engine, resume: bool, say, aux=None) -> tuple[RunState, Optional[dict]]:
+        """(state, this rank's RNG state or None): resumed from the newest complete tag, or fresh. `aux`: an
+        auxiliary engine, restored from the tag's aux/ folder."""
         state, rng = RunState(), None
         if not resume:
             if latest_checkpoint(self.dir) is not None:
@@ -197,10 +207,14 @@ class Checkpoints:
         if self.last_tag is None:
             say(f"[engine] resume: no complete checkpoint in {self.dir}; starting fresh")
         else:
-            check_resumable(self.dir / self.last_tag, self.cfg, self.world, param_shapes(engine.module))
+            check_resumable(self.dir / self.last_tag, self.cfg, self.world, param_shapes(engine.module),
+                            param_shapes(aux.module) if aux is not None else None)
             try:
                 with weights_only_loads():
                     path, client = engine.load_checkpoint(str(self.dir), tag=self.last_tag)
+                    if aux is not None and path is not None:
+                        aux_path, _ = aux.load_checkpoint(str(self.dir / self.last_tag), tag=AUX_TAG)
+                        path = path if aux_path is not None else None
             except RuntimeError as e:  # a checkpoint of older versions, which recorded no shapes
                 if "state_dict" not in str(e) and "size mismatch" not in str(e):
                     raise
@@ -223,11 +237,14 @@ class Checkpoints:
                     shutil.rmtree(self.dir / tag, ignore_errors=True)
         return state, rng
 
-    def save(self, engine, state: RunState) -> str:
-        """Write tag step%08d on every rank; the `complete` marker goes last, once all shards are on disk."""
+    def save(self, engine, state: RunState, aux=None) -> str:
+        """Write tag step%08d on every rank (an auxiliary engine `aux` into its aux/ folder); the `complete`
+        marker goes last, once all shards are on disk."""
         tag, cfg = tag_of(state.step), self.cfg
         client = dict(dataclasses.asdict(state), cfg=dataclasses.asdict(cfg), world_size=self.world)
         engine.save_checkpoint(str(self.dir), tag=tag, client_state=client, save_latest=True)
+        if aux is not None:
+            aux.save_checkpoint(str(self.dir / tag), tag=AUX_TAG, save_latest=False)
         write_json(self.dir / tag / f"rank{self.rank}.json",
                    {"epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch, "rng": rng_state()})
         if self.rank == 0 and cfg.zero_stage == 0 and cfg.precision != "fp32":  # DeepSpeed saves 16-bit weights
@@ -235,7 +252,8 @@ class Checkpoints:
                       str(self.dir / tag / FP32_FILE))
         barrier(self.world)
         if self.rank == 0:
-            write_json(self.dir / tag / STATE_FILE, dict(client, param_shapes=param_shapes(engine.module)))
+            write_json(self.dir / tag / STATE_FILE, dict(client, param_shapes=param_shapes(engine.module),
+                                                         **({"aux_param_shapes": param_shapes(aux.module)} if aux else {})))
             write_json(self.dir / tag / COMPLETE, {"step": state.step, "time": time.time()})
             _prune(self.dir, cfg.keep_last)
         barrier(self.world)

@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -22,9 +23,27 @@ from .dist import all_true, init_distributed, mean_over_ranks, sum_dicts, world
 from .optim import param_groups, zero0_grad_norm
 
 
+@dataclass
+class Auxiliary:
+    """A second model trained beside the main one (a GAN's discriminator): its own DeepSpeed engine (same
+    DeepSpeed config: ZeRO stage, precision, clipping) and its own optimizer, on the same LR schedule.
+
+    loss_fn(aux, batch, step) -> (loss, parts) runs after the main loss's backward on the same micro-batch
+    (which the main loss_fn may have added entries to, e.g. detached reconstructions); `aux` is its engine.
+    active(step): whether the auxiliary trains at this optimizer step (the same on every rank); when it does
+    not, its loss is not computed and the main loss_fn gets aux=None. `name` prefixes its logged loss.
+    """
+
+    model: torch.nn.Module
+    loss_fn: Callable
+    active: Callable[[int], bool] = lambda step: True
+    name: str = "aux"
+
+
 def train(model: torch.nn.Module, loss_fn, make_batches, cfg: TrainConfig, out_dir, ds_config=None,
-          hooks=None, resume: bool = False) -> dict:
-    """Train `model` for cfg.steps optimizer steps on a DeepSpeed engine (see `dalle_ar.engine`).
+          hooks=None, resume: bool = False, aux: Optional[Auxiliary] = None) -> dict:
+    """Train `model` for cfg.steps optimizer steps on a DeepSpeed engine (see `dalle_ar.engine`), and `aux`
+    (an `Auxiliary`) beside it on a second engine.
 
     Returns a summary: steps, start_step, first_loss, final_loss, nonfinite (dropped micro-batches),
     skipped_steps (steps without an update), interrupted, checkpoint (newest complete tag dir),
@@ -42,29 +61,34 @@ def train(model: torch.nn.Module, loss_fn, make_batches, cfg: TrainConfig, out_d
         print(f"[engine] {text}", flush=True)
     seed_everything(cfg.seed + rank)  # different dropout per rank; DeepSpeed broadcasts rank 0's weights
     engine = _deepspeed_engine(model, cfg, ds)
+    aux_engine = _deepspeed_engine(aux.model, cfg, ds) if aux is not None else None
+    engines = [e for e in (engine, aux_engine) if e is not None]
     on_step, on_checkpoint, on_eval, skipped_counts = (_hook(hooks, n) for n in
                                                         ("on_step", "on_checkpoint", "on_eval", "skipped_counts"))
 
     ckpts = Checkpoints(out / "checkpoints", cfg, rank, world_size)
     try:
-        state, rng = ckpts.start(engine, resume, say=(lambda s: print(s, flush=True)) if rank == 0 else (lambda s: None))
-    except BaseException:  # a refused run frees its engine (another may start in this process)
-        engine.destroy()
+        state, rng = ckpts.start(engine, resume, say=(lambda s: print(s, flush=True)) if rank == 0 else (lambda s: None),
+                                 aux=aux_engine)
+    except BaseException:  # a refused run frees its engines (another may start in this process)
+        for e in engines:
+            e.destroy()
         raise
     if (on_start := _hook(hooks, "on_start")) is not None:  # accepted: the run's metadata may be written now
         on_start(state.step)
     meter = Meter(cfg, out, rank, world_size, state.step, skipped_counts)
-    stepper = _Stepper(engine, loss_fn, cfg, world_size, meter.say)
+    stepper = _Stepper(engine, loss_fn, cfg, world_size, meter.say, aux, aux_engine)
     stop, start_step, interrupted, export_dir, ok = _StopFlag(), state.step, False, None, False
     try:
         batches = (_Batches(make_batches, state.epoch, state.batch_in_epoch, skipped_counts)
                    if state.step < cfg.steps else None)
         if rng is not None:
             set_rng_state(rng)
-        engine.train()
+        for e in engines:
+            e.train()
         for step in range(state.step, cfg.steps):
             lr = lr_at(step, cfg)
-            for group in engine.optimizer.param_groups:
+            for group in (g for e in engines for g in e.optimizer.param_groups):
                 group["lr"] = lr
             parts = stepper(batches, step, state)
             meter.update(parts, stepper.samples)
@@ -74,7 +98,7 @@ def train(model: torch.nn.Module, loss_fn, make_batches, cfg: TrainConfig, out_d
                 meter.log(state, lr, stepper.grad_norm, engine)
             interrupted = not all_true(not stop.stop, world_size)
             if interrupted or (cfg.save_every and state.step % cfg.save_every == 0) or state.step == cfg.steps:
-                _checkpoint(ckpts, engine, state, on_checkpoint, meter.writer)
+                _checkpoint(ckpts, engine, state, on_checkpoint, meter.writer, aux_engine)
             if on_eval is not None and cfg.eval_every and not interrupted and (
                     state.step % cfg.eval_every == 0 or state.step == cfg.steps):
                 meter.log_eval(state.step, _in_eval_mode(engine, lambda m: on_eval(state.step, m, meter.writer)))
@@ -82,7 +106,7 @@ def train(model: torch.nn.Module, loss_fn, make_batches, cfg: TrainConfig, out_d
                 meter.say(f"[engine] stopped by signal at step {state.step}; checkpoint {ckpts.dir / ckpts.last_tag}")
                 break
         if not interrupted and ckpts.last_tag != tag_of(state.step):
-            _checkpoint(ckpts, engine, state, on_checkpoint, meter.writer)  # e.g. resumed at or past cfg.steps
+            _checkpoint(ckpts, engine, state, on_checkpoint, meter.writer, aux_engine)  # e.g. resumed at or past cfg.steps
         if not interrupted and cfg.export:
             ckpts.export(engine, out / "export")
             meter.say(f"[engine] exported {out / 'export'}")
@@ -94,8 +118,10 @@ def train(model: torch.nn.Module, loss_fn, make_batches, cfg: TrainConfig, out_d
         stop.restore()
         meter.close()
         if not ok:
-            engine.destroy()
-    _release(engine, cfg)
+            for e in engines:
+                e.destroy()
+    for e in engines:
+        _release(e, cfg)
     return {"steps": state.step, "start_step": start_step, "first_loss": meter.first_loss,
             "final_loss": final.get("loss"), "nonfinite": state.nonfinite, "skipped_steps": state.skipped_steps,
             "interrupted": interrupted, "checkpoint": str(ckpts.dir / ckpts.last_tag) if ckpts.last_tag else None,
@@ -115,11 +141,11 @@ def _deepspeed_engine(model, cfg: TrainConfig, ds: dict):
     return engine
 
 
-def _checkpoint(ckpts: Checkpoints, engine, state: RunState, on_checkpoint, writer) -> None:
+def _checkpoint(ckpts: Checkpoints, engine, state: RunState, on_checkpoint, writer, aux_engine=None) -> None:
     """Save a complete checkpoint, then run the on_checkpoint hook on the module (eval mode, no grad, and
     under ZeRO-3 its full weights gathered: collective, every rank enters; sampling with a KV cache reads
     embeddings outside a forward, which ZeRO-3 would leave partitioned)."""
-    ckpts.save(engine, state)
+    ckpts.save(engine, state, aux=aux_engine)
     if on_checkpoint is not None:
         _in_eval_mode(engine, lambda m: on_checkpoint(state.step, m, writer))
         if writer:
@@ -144,51 +170,88 @@ def _in_eval_mode(engine, fn):
 
 
 class _Stepper:
-    """One optimizer step: cfg.grad_accum micro-batches, then engine.step(). Non-finite losses are
-    caught before backward on every rank alike, so nothing reaches the weights; they are counted."""
+    """One optimizer step: cfg.grad_accum micro-batches, then engine.step() (and the auxiliary's step after
+    it). Non-finite losses are caught before backward on every rank alike, so nothing reaches the weights;
+    they are counted."""
 
-    def __init__(self, engine, loss_fn, cfg: TrainConfig, world_size: int, say):
+    def __init__(self, engine, loss_fn, cfg: TrainConfig, world_size: int, say, aux=None, aux_engine=None):
         self.engine, self.loss_fn, self.cfg, self.world, self.say = engine, loss_fn, cfg, world_size, say
+        self.aux, self.aux_engine = aux, aux_engine
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
         self.consecutive = 0       # non-finite losses in a row
         self.grad_norm = None      # of the last applied step
         self.samples = 0           # samples (all ranks) the last step trained on
 
+    def _finite(self, loss, step, state, what) -> bool:
+        if all_true(bool(torch.isfinite(loss.detach()).all()), self.world):
+            return True
+        state.nonfinite += 1
+        self.consecutive += 1
+        self.say(f"[engine] step {step}: non-finite {what} ({loss.item()}), micro-batch skipped "
+                 f"({self.consecutive} in a row, {state.nonfinite} in all)")
+        if self.consecutive >= self.cfg.max_nonfinite:
+            raise RuntimeError(
+                f"{self.consecutive} consecutive non-finite losses (limit train.max_nonfinite="
+                f"{self.cfg.max_nonfinite}) at step {step}: lower train.lr, check the data, or use fp32/bf16")
+        return False
+
     def __call__(self, batches: "_Batches", step: int, state: RunState) -> dict:
         """Mean loss parts of the step (empty if every micro-batch was dropped); updates `state`."""
-        engine, cfg = self.engine, self.cfg
-        sums, used, self.samples = {}, 0, 0
+        engine, cfg, aux = self.engine, self.cfg, self.aux
+        aux_on = aux is not None and bool(aux.active(step))
+        extra = () if aux is None else (self.aux_engine if aux_on else None,)
+        sums, counts, used, aux_used, self.samples = {}, {}, 0, 0, 0
         for _ in range(cfg.grad_accum):
             batch = batches.next()
             n = _batch_len(batch)
-            loss, parts = self.loss_fn(engine, _to_device(batch, engine.device, self.dtype), step)
-            if not all_true(bool(torch.isfinite(loss.detach()).all()), self.world):
-                state.nonfinite += 1
-                self.consecutive += 1
-                self.say(f"[engine] step {step}: non-finite loss ({loss.item()}), micro-batch skipped "
-                         f"({self.consecutive} in a row, {state.nonfinite} in all)")
-                del loss, parts
-                if self.consecutive >= cfg.max_nonfinite:
-                    raise RuntimeError(
-                        f"{self.consecutive} consecutive non-finite losses (limit train.max_nonfinite="
-                        f"{cfg.max_nonfinite}) at step {step}: lower train.lr, check the data, or use fp32/bf16")
-                continue
+            batch = _to_device(batch, engine.device, self.dtype)
+            with _frozen(self.aux_engine.module if aux_on else None):  # its gradients come from its own loss only
+                loss, parts = self.loss_fn(engine, batch, step, *extra)
+                if not self._finite(loss, step, state, "loss"):
+                    del loss, parts
+                    continue
+                engine.backward(loss)
             self.consecutive = 0
-            engine.backward(loss)
             used += 1
-            for k, v in {"loss": loss, **parts}.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach() if isinstance(v, torch.Tensor) else v)
             self.samples += n * self.world
+            values = {"loss": loss, **parts}
+            if aux_on:
+                a_loss, a_parts = aux.loss_fn(self.aux_engine, batch, step)
+                if self._finite(a_loss, step, state, f"{aux.name} loss"):
+                    self.consecutive = 0
+                    self.aux_engine.backward(a_loss)
+                    aux_used += 1
+                    values.update({f"{aux.name}_loss": a_loss, **a_parts})
+            for k, v in values.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach() if isinstance(v, torch.Tensor) else v)
+                counts[k] = counts.get(k, 0) + 1
         if used:  # with grad_accum=1 step() follows the boundary backward; else step() is the boundary
             own_norm = zero0_grad_norm(engine, cfg.zero_stage, cfg.precision)
             engine.step()
             norm = engine.get_global_grad_norm()
             self.grad_norm = float(norm) if norm is not None else own_norm
+        if aux_used:  # after the main step, as taming's two optimizers
+            self.aux_engine.step()
         if not used or not engine.was_step_applied():  # all dropped, or an fp16 overflow
             state.skipped_steps += 1
         state.step, state.epoch, state.batch_in_epoch = step + 1, batches.epoch, batches.batch_in_epoch
         state.samples_seen += cfg.grad_accum * self.world * n
-        return {k: v / used for k, v in sums.items()} if used else {}
+        return {k: v / counts[k] for k, v in sums.items()}  # each part over the micro-batches that gave it
+
+
+@contextlib.contextmanager
+def _frozen(module):
+    """The module's trainable parameters with requires_grad off inside: a loss that runs through it (the
+    generator's GAN loss through the discriminator) gives it no gradient. Under ZeRO-2 a gradient reaching
+    another engine's parameters would fire that engine's reduction hooks outside its backward."""
+    params = [p for p in module.parameters() if p.requires_grad] if module is not None else []
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 class Meter:
@@ -212,22 +275,22 @@ class Meter:
         self._reset()
 
     def _reset(self):
-        self.t, self.samples, self.steps, self.sums = time.time(), 0, 0, {}
+        self.t, self.samples, self.sums, self.counts = time.time(), 0, {}, {}
 
     def update(self, parts: dict, samples: int) -> None:
         self.samples += samples
         if parts:
             self.last_loss = parts["loss"]
             self.first_loss = self.last_loss if self.first_loss is None else self.first_loss
-            self.steps += 1
-        for k, v in parts.items():
+        for k, v in parts.items():  # a part may be missing from some steps (an auxiliary not yet active)
             self.sums[k] = self.sums.get(k, 0.0) + v
+            self.counts[k] = self.counts.get(k, 0) + 1
         if self.bar:
             self.bar.update(1)
 
     def log(self, state: RunState, lr: float, norm: Optional[float], engine) -> None:
         cfg = self.cfg
-        parts = mean_over_ranks({k: v / max(self.steps, 1) for k, v in self.sums.items()}, self.world)
+        parts = mean_over_ranks({k: v / self.counts[k] for k, v in self.sums.items()}, self.world)
         skipped = sum_dicts(self.skipped_counts(), self.world) if self.skipped_counts else {}
         rate = self.samples / max(time.time() - self.t, 1e-9)
         scale = getattr(engine.optimizer, "loss_scale", None) if cfg.precision == "fp16" else None
