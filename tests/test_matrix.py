@@ -31,8 +31,9 @@ STEPS, SAVE_EVERY, BATCH = 6, 2, 8   # killed once step SAVE_EVERY + 1 is logged
 SHARDS, SHARD_SIZE = 2, 16           # one shard a rank with 2 processes; epochs roll over during the run
 TIMEOUT = 600                        # a launch; a shared 2-core machine under load starts slowly
 
-# The CI subset: every stage once under ZeRO-3 with 2 processes, every ZeRO stage once.
-CI_CELLS = {*((s, 3, 2) for s in STAGES), ("dvae", 0, 1), ("clip", 1, 1), ("dalle_codes", 2, 1)}
+# The CI subset: every stage once under ZeRO-3 with 2 processes, every ZeRO stage once. The VQGAN
+# runs with its discriminator there (the plain VQGAN's code path is a subset; it stays in the grid).
+CI_CELLS = {*((s, 3, 2) for s in STAGES if s != "vqgan"), ("dvae", 0, 1), ("clip", 1, 1), ("dalle_codes", 2, 1)}
 
 # Cells that fail because of a known defect, {(stage, zero, nproc): reason}, run as strict xfails
 # (findings 1, 2 and 9 of issue 16 are fixed: none today).

@@ -237,6 +237,15 @@ def test_vqgan_stage_then_encode_prior_and_pipeline(run, tmp_path):
     vq_dir = tmp_path / "vqgan" / "export"
     model = load_image_tokenizer(vq_dir)
     assert isinstance(model, VQGAN) and model.vocab_size == 1000 and model.grid_size == 8
+    # --init-from takes a VQGAN export (its config.json names its kind)
+    ft = run_stage("vqgan", run["train"], tmp_path / "vq_ft", config_file=config_path("vqgan-shapes.json"),
+                   overrides=["model.ch=8", "model.norm_groups=4", "model.z_channels=8", "data.num_workers=0",
+                              *COMMON, "train.lr=1e-12", "train.min_lr=0"], init_from=vq_dir)
+    assert ft["steps"] == 3
+    assert json.loads((tmp_path / "vq_ft" / "stage.json").read_text())["init_from"] == str(vq_dir)
+    with pytest.raises(ValueError, match="--init-from.*holds a vqgan export, not a dvae one"):
+        run_stage("dvae", run["train"], tmp_path / "x", config_file=config_path("dvae-shapes.json"),
+                  overrides=[*TINY["dvae"], *COMMON], init_from=vq_dir)
     encode_shards(vq_dir, run["train"], tmp_path / "codes", shard_size=16)
     codes = sorted(str(p) for p in (tmp_path / "codes").glob("*.tar"))
     tok = root / "tokenizer"

@@ -28,6 +28,8 @@ PIPELINE_PARTS = {"dvae": "dvae", "dalle": "dalle", "clip": "clip"}
 
 
 def _kind(config: dict) -> str:
+    if config.get("kind") in ("dvae", "vqgan"):  # image tokenizers name their kind (image_tokenizer.KINDS)
+        return config["kind"]
     if config.get("model_type") == "clip" or "text_config" in config:
         return "clip"
     if "attn_types" in config or "text_len" in config:
