@@ -38,6 +38,7 @@ import torch
 
 from dalle_ar import engine
 from dalle_ar.data import ShardLoader, iter_raw_samples, preprocess_image
+from dalle_ar.dvae import codebook_usage, psnr
 from dalle_ar.images import image_grid, to_pil
 from dalle_ar.io import config_from_dict
 
@@ -224,3 +225,34 @@ class Stage:
                 sums[k] = sums.get(k, 0.0) + float(v) * size
             n += size
         return {f"val_{k}": v / max(n, 1) for k, v in sums.items()} | self.eval_summary(n)
+
+
+class ImageTokenizerStage(Stage):
+    """A stage that trains an image tokenizer (dVAE, VQGAN): the images are the model's size,
+    checkpoints draw originals over reconstructions, evaluation is PSNR + codebook usage."""
+
+    @classmethod
+    def resolve(cls, model_cfg, train_cfg, data_cfg):
+        return model_cfg, train_cfg, dataclasses.replace(data_cfg, image_size=model_cfg.image_size)
+
+    def build(self) -> Built:
+        self.val_codes = []  # every val batch's codes, for codebook usage
+        return super().build()
+
+    @torch.no_grad()
+    def on_checkpoint(self, step, model, writer):
+        x = self.fixed_batch(self.data.sample_count)["image"].to(next(model.parameters()).device)
+        recon = model.decode(model.encode(x))
+        save_grid(torch.cat([x, recon.float()]).cpu(), x.shape[0], self.out / "samples" / f"step{step:08d}.png",
+                  writer, f"{self.name}/originals_vs_reconstructions", step)
+
+    def eval_batch(self, model, batch):
+        x = batch["image"].to(next(model.parameters()).device)
+        codes = model.encode(x)
+        self.val_codes.append(codes.cpu())
+        return {"psnr": psnr(model.decode(codes).float(), x)}, x.shape[0]
+
+    def eval_summary(self, n):
+        usage = codebook_usage(torch.cat(self.val_codes), self.model_cfg.vocab_size) if self.val_codes else {}
+        self.val_codes = []
+        return {"val_images": n, **{f"codebook_{k}": float(v) for k, v in usage.items()}}

@@ -6,12 +6,12 @@ import dataclasses
 
 import torch
 
-from dalle_ar.dvae import DiscreteVAE, DVAEConfig, codebook_usage, psnr
+from dalle_ar.dvae import DiscreteVAE, DVAEConfig
 
-from .stage import Stage, save_grid
+from .stage import ImageTokenizerStage
 
 
-class DVAEStage(Stage):
+class DVAEStage(ImageTokenizerStage):
     name = "dvae"
     summary = "the image tokenizer (discrete VAE) on image shards"
     model_config_cls = DVAEConfig
@@ -22,7 +22,7 @@ class DVAEStage(Stage):
         hard = model_cfg.hard_codes_from_step
         if hard and not train_cfg.restart_at:
             train_cfg = dataclasses.replace(train_cfg, restart_at=hard)
-        return model_cfg, train_cfg, dataclasses.replace(data_cfg, image_size=model_cfg.image_size)
+        return super().resolve(model_cfg, train_cfg, data_cfg)
 
     def warnings(self):
         """The dVAE's own schedules count steps too: on a run shorter than them, say what will not happen."""
@@ -37,28 +37,9 @@ class DVAEStage(Stage):
                 for k, text in what.items() if value[k] >= steps > 0 and value[k]]
 
     def build_model(self):
-        self.val_codes = []  # every val batch's codes, for codebook usage
         return DiscreteVAE(self.model_cfg)
 
     def loss_fn(self, model, batch, step):
         # Channels-last activations run faster on CPU; the weights stay contiguous for DeepSpeed's
         # broadcast and ZeRO's flat buffers.
         return model(batch["image"].contiguous(memory_format=torch.channels_last), step=step)
-
-    @torch.no_grad()
-    def on_checkpoint(self, step, model, writer):
-        x = self.fixed_batch(self.data.sample_count)["image"].to(next(model.parameters()).device)
-        recon = model.decode(model.encode(x))
-        save_grid(torch.cat([x, recon.float()]).cpu(), x.shape[0], self.out / "samples" / f"step{step:08d}.png",
-                  writer, "dvae/originals_vs_reconstructions", step)
-
-    def eval_batch(self, model, batch):
-        x = batch["image"].to(next(model.parameters()).device)
-        codes = model.encode(x)
-        self.val_codes.append(codes.cpu())
-        return {"psnr": psnr(model.decode(codes).float(), x)}, x.shape[0]
-
-    def eval_summary(self, n):
-        usage = codebook_usage(torch.cat(self.val_codes), self.model_cfg.vocab_size) if self.val_codes else {}
-        self.val_codes = []
-        return {"val_images": n, **{f"codebook_{k}": float(v) for k, v in usage.items()}}
