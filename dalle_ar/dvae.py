@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from . import io
-from .checks import check_images, check_state_dict, check_tokens
+from .checks import check_images, check_tokens
 from .image_tokenizer import ImageTokenizerMixin
 
 LOSSES = ("logit_laplace", "mse")
@@ -397,11 +397,7 @@ class DiscreteVAE(ImageTokenizerMixin, nn.Module):
             state_dict = self.ema_state_dict()
         elif state_dict is None:
             state_dict = self.state_dict()
-        # Shapes from the config, not from the live module: under ZeRO-3 its parameters are
-        # partitioned (empty on this rank) while `state_dict` holds the gathered weights.
-        with torch.device("meta"):
-            expected = DiscreteVAE(self.config).state_dict()
-        check_state_dict(state_dict, expected, "state_dict", "the DVAEConfig")
+        self.check_weights(state_dict, self.config)
         return io.save_pretrained(directory, self.config, state_dict)
 
     @classmethod

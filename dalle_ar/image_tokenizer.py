@@ -14,7 +14,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
+import torch
+
+from .checks import check_state_dict
 from .io import CONFIG_NAME
 
 KINDS = ("dvae", "vqgan")
@@ -45,6 +49,16 @@ class ImageTokenizerMixin:
         """Side of the code grid for square images of `image_size` (default: the configured size)."""
         size = self.config.image_size if image_size is None else image_size
         return size // (self.config.image_size // self.config.grid_size)
+
+    @classmethod
+    def check_weights(cls, state_dict: dict, config, what: str = "state_dict", against: Optional[str] = None) -> None:
+        """ValueError unless `state_dict` has the tensors and shapes a model of `config` has (names what is
+        missing, unexpected or mis-shaped). The shapes come from the config on the meta device, not from a
+        live module: under ZeRO-3 its parameters are partitioned (empty on this rank), and a big model's
+        weights need no memory."""
+        with torch.device("meta"):
+            expected = cls(config).state_dict()
+        check_state_dict(state_dict, expected, what, against or f"the {type(config).__name__}")
 
 
 def tokenizer_kind(directory) -> str:
