@@ -30,7 +30,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from . import io
 from .checks import check_images, check_tokens
 from .image_tokenizer import ImageTokenizerMixin
 
@@ -250,6 +249,8 @@ def codebook_usage(codes: torch.Tensor, vocab_size: int) -> dict:
 class DiscreteVAE(ImageTokenizerMixin, nn.Module):
     """The dVAE; encode / decode / vocab_size / grid_size / grid() are the image-tokenizer interface."""
 
+    config_class, label = DVAEConfig, "dVAE"
+
     def __init__(self, config: DVAEConfig):
         super().__init__()
         if not isinstance(config, DVAEConfig):
@@ -397,15 +398,4 @@ class DiscreteVAE(ImageTokenizerMixin, nn.Module):
             state_dict = self.ema_state_dict()
         elif state_dict is None:
             state_dict = self.state_dict()
-        self.check_weights(state_dict, self.config)
-        return io.save_pretrained(directory, self.config, state_dict)
-
-    @classmethod
-    def from_pretrained(cls, directory, device=None) -> "DiscreteVAE":
-        """Load a directory written by save_pretrained (or `dalle-ar convert`); the model is in eval mode."""
-        directory = Path(directory)
-        if not directory.is_dir():
-            raise FileNotFoundError(f"dVAE directory {directory} not found")
-        model = cls(io.load_config(directory, DVAEConfig))
-        io.load_weights(directory, model)
-        return model.to(device or "cpu").eval()
+        return self.write_pretrained(directory, state_dict)

@@ -34,7 +34,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from . import io
 from .checks import check_images, check_tokens
 from .image_tokenizer import ImageTokenizerMixin
 from .quantizers import GumbelQuantizer, VectorQuantizer, build_quantizer
@@ -301,6 +300,8 @@ class VQGAN(ImageTokenizerMixin, nn.Module):
     """Encoder + quantizer + decoder in taming's VQModel layout; encode / decode / vocab_size / grid_size /
     grid() are the image-tokenizer interface (dalle_ar.image_tokenizer)."""
 
+    config_class, label = VQGANConfig, "VQGAN"
+
     def __init__(self, config: VQGANConfig):
         super().__init__()
         if not isinstance(config, VQGANConfig):
@@ -384,19 +385,7 @@ class VQGAN(ImageTokenizerMixin, nn.Module):
     # -- save / load
     def save_pretrained(self, directory, state_dict: Optional[dict] = None) -> Path:
         """Write config.json (kind "vqgan") + model.safetensors (`state_dict`, e.g. consolidated by the engine, or the module's)."""
-        state_dict = self.state_dict() if state_dict is None else state_dict
-        self.check_weights(state_dict, self.config)
-        return io.save_pretrained(directory, self.config, state_dict)
-
-    @classmethod
-    def from_pretrained(cls, directory, device=None) -> "VQGAN":
-        """Load a directory written by save_pretrained or `dalle-ar convert taming-vqgan`; eval mode."""
-        directory = Path(directory)
-        if not directory.is_dir():
-            raise FileNotFoundError(f"VQGAN directory {directory} not found")
-        model = cls(io.load_config(directory, VQGANConfig))
-        io.load_weights(directory, model)
-        return model.to(device or "cpu").eval()
+        return self.write_pretrained(directory, self.state_dict() if state_dict is None else state_dict)
 
 
 def edge_map(images: torch.Tensor) -> torch.Tensor:
