@@ -11,7 +11,6 @@ import dataclasses
 import json
 from pathlib import Path
 
-from dalle_ar import engine
 from dalle_ar.io import config_from_dict
 
 from . import find_config
@@ -37,7 +36,7 @@ def resume_configs(cls: type[Stage], meta: dict, out, config_file, overrides, tr
     if meta.get("stage") != stage:
         raise ValueError(f"--resume: {where} records a {meta.get('stage')} run, not {stage}")
     rec = meta["config"]
-    classes = {"model": cls.model_config_cls, "train": engine.TrainConfig, "data": cls.data_config_cls}
+    classes = cls.config_classes()
     recorded = {name: recorded_config(c, rec[name]) for name, c in classes.items()}
     *asked, ds_over = cls.load_config(config_file, overrides,
                                       base={n: dataclasses.asdict(c) for n, c in recorded.items()})

@@ -97,10 +97,15 @@ class Stage:
         return model_cfg, train_cfg, data_cfg
 
     @classmethod
+    def config_classes(cls) -> dict:
+        """The config file's sections and their dataclasses."""
+        return {"model": cls.model_config_cls, "train": engine.TrainConfig, "data": cls.data_config_cls}
+
+    @classmethod
     def load_config(cls, config_file=None, overrides=(), base=None):
         """-> (model config, TrainConfig, data config, DeepSpeed overrides as a list of `key=value`).
         `base` ({section: dict}, a resumed run's record) is what the file's sections and overrides go over."""
-        classes = {"model": cls.model_config_cls, "train": engine.TrainConfig, "data": cls.data_config_cls}
+        classes = cls.config_classes()
         raw = {}
         if config_file:
             config_file = find_config(config_file)

@@ -53,7 +53,7 @@ def describe_stage(stage: str) -> str:
     if shipped:
         lines.append(f"shipped configs (--config NAME; `dalle-ar configs --show NAME`): {', '.join(shipped)}")
     lines += ["", "config keys and their defaults (set them in --config's sections or as key=value):"]
-    for section, c in (("model", cls.model_config_cls), ("train", engine.TrainConfig), ("data", cls.data_config_cls)):
+    for section, c in cls.config_classes().items():
         lines.append(f"  {section} ({c.__name__}):")
         for f in dataclasses.fields(c):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
