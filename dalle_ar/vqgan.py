@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from .checks import check_images, check_tokens
+from .dvae import cosine_ramp, psnr
 from .image_tokenizer import ImageTokenizerMixin
 from .quantizers import GumbelQuantizer, VectorQuantizer, build_quantizer
 
@@ -352,7 +353,6 @@ class VQGAN(ImageTokenizerMixin, nn.Module):
         """Schedules that follow the optimizer step (the Gumbel temperature)."""
         c = self.config
         if isinstance(self.quantize, GumbelQuantizer):
-            from .dvae import cosine_ramp
             self.quantize.temperature = cosine_ramp(step, c.temp_anneal_steps, c.temp_start, c.temp_end)
 
     def reconstruct(self, images: torch.Tensor, step: Optional[int] = None):
@@ -371,8 +371,6 @@ class VQGAN(ImageTokenizerMixin, nn.Module):
 
     def forward(self, images: torch.Tensor, step: Optional[int] = None):
         """-> (loss, parts): reconstruction + quantizer loss. parts: recon, quant, psnr, used (codes in the batch)."""
-        from .dvae import psnr
-
         x = self._check_images(images).float()
         target = 2 * x - 1
         recon, q_loss, codes = self.reconstruct(x, step)
