@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,6 +31,9 @@ import numpy as np
 import torch
 
 from dalle_ar.serve.app import GENERATIONS
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from run_harness import free_port, stop_process  # noqa: E402  (the tests' process helpers)
 
 
 def build_demo_sized_pipeline(out: Path) -> Path:
@@ -59,12 +60,6 @@ def build_demo_sized_pipeline(out: Path) -> Path:
     pipe = TextToImagePipeline(tok, dvae, dalle, CLIPReranker.from_pretrained(out / "clip-src"))
     pipe.save_pretrained(out / "pipeline")
     return out / "pipeline"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 600) -> None:
@@ -176,11 +171,7 @@ def main():
                 rows[mode]["sizes"] = dict(zip((f"<={float(b):g}" for b in BUCKETS),
                                                np.diff(cumulative, prepend=0).astype(int).tolist()))
         finally:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_process(proc)
 
     load_after = os.getloadavg()
     print(f"\ndalle-ar serve: {a.clients} clients x {a.requests} requests, n=1 of {a.candidates} candidate(s), "

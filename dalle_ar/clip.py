@@ -2,7 +2,7 @@
 
 A transformers `CLIPModel` with a small `CLIPConfig`, whose text side reads our BPE through a
 `PreTrainedTokenizerFast` that appends an end-of-text token (CLIP pools the text at that token).
-The CLIP stage (train/stages.py) feeds it batches through `clip_inputs` + `clip_loss`; its export is
+The CLIP stage (train/stage_clip.py) feeds it batches through `clip_inputs` + `clip_loss`; its export is
 a plain CLIPModel directory that `dalle_ar.rerank.CLIPReranker` loads like OpenAI's.
 """
 

@@ -113,14 +113,11 @@ def config_from_yaml(path, image_size=None):
 
 def convert_taming_state_dict(sd: dict, config):
     """taming VQModel / GumbelVQ state dict -> VQGAN state dict (fp32, `loss.*` dropped), checked against `config`."""
-    from .checks import check_state_dict
     from .vqgan import VQGAN
 
     out = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sd.items()
            if not k.startswith("loss.") and v.is_floating_point()}
-    with torch.device("meta"):  # shapes only
-        expected = VQGAN(config).state_dict()
-    check_state_dict(out, expected, "the checkpoint's weights", "the YAML config")
+    VQGAN.check_weights(out, config, "the checkpoint's weights", "the YAML config")
     return out
 
 

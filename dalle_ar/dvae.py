@@ -30,8 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from . import io
-from .checks import check_images, check_state_dict, check_tokens
+from .checks import check_images, check_tokens
 from .image_tokenizer import ImageTokenizerMixin
 
 LOSSES = ("logit_laplace", "mse")
@@ -250,6 +249,8 @@ def codebook_usage(codes: torch.Tensor, vocab_size: int) -> dict:
 class DiscreteVAE(ImageTokenizerMixin, nn.Module):
     """The dVAE; encode / decode / vocab_size / grid_size / grid() are the image-tokenizer interface."""
 
+    config_class, label = DVAEConfig, "dVAE"
+
     def __init__(self, config: DVAEConfig):
         super().__init__()
         if not isinstance(config, DVAEConfig):
@@ -397,19 +398,4 @@ class DiscreteVAE(ImageTokenizerMixin, nn.Module):
             state_dict = self.ema_state_dict()
         elif state_dict is None:
             state_dict = self.state_dict()
-        # Shapes from the config, not from the live module: under ZeRO-3 its parameters are
-        # partitioned (empty on this rank) while `state_dict` holds the gathered weights.
-        with torch.device("meta"):
-            expected = DiscreteVAE(self.config).state_dict()
-        check_state_dict(state_dict, expected, "state_dict", "the DVAEConfig")
-        return io.save_pretrained(directory, self.config, state_dict)
-
-    @classmethod
-    def from_pretrained(cls, directory, device=None) -> "DiscreteVAE":
-        """Load a directory written by save_pretrained (or `dalle-ar convert`); the model is in eval mode."""
-        directory = Path(directory)
-        if not directory.is_dir():
-            raise FileNotFoundError(f"dVAE directory {directory} not found")
-        model = cls(io.load_config(directory, DVAEConfig))
-        io.load_weights(directory, model)
-        return model.to(device or "cpu").eval()
+        return self.write_pretrained(directory, state_dict)

@@ -14,14 +14,23 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
+import torch
+
+from . import io
+from .checks import check_state_dict
 from .io import CONFIG_NAME
 
 KINDS = ("dvae", "vqgan")
 
 
 class ImageTokenizerMixin:
-    """The interface's sizes, read from `self.config` (which has image_size, grid_size and vocab_size)."""
+    """The interface's sizes, read from `self.config` (which has image_size, grid_size and vocab_size),
+    and its directory: config.json + model.safetensors, checked against the config."""
+
+    config_class: type = type(None)  # DVAEConfig, VQGANConfig
+    label = ""                       # what messages call it: "dVAE", "VQGAN"
 
     @property
     def vocab_size(self) -> int:
@@ -45,6 +54,31 @@ class ImageTokenizerMixin:
         """Side of the code grid for square images of `image_size` (default: the configured size)."""
         size = self.config.image_size if image_size is None else image_size
         return size // (self.config.image_size // self.config.grid_size)
+
+    @classmethod
+    def check_weights(cls, state_dict: dict, config, what: str = "state_dict", against: Optional[str] = None) -> None:
+        """ValueError unless `state_dict` has the tensors and shapes a model of `config` has (names what is
+        missing, unexpected or mis-shaped). The shapes come from the config on the meta device, not from a
+        live module: under ZeRO-3 its parameters are partitioned (empty on this rank), and a big model's
+        weights need no memory."""
+        with torch.device("meta"):
+            expected = cls(config).state_dict()
+        check_state_dict(state_dict, expected, what, against or f"the {type(config).__name__}")
+
+    def write_pretrained(self, directory, state_dict: dict) -> Path:
+        """config.json + model.safetensors holding `state_dict`, once check_weights accepts it."""
+        self.check_weights(state_dict, self.config)
+        return io.save_pretrained(directory, self.config, state_dict)
+
+    @classmethod
+    def from_pretrained(cls, directory, device=None):
+        """Load a directory written by save_pretrained (or `dalle-ar convert`); the model is in eval mode."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"{cls.label} directory {directory} not found")
+        model = cls(io.load_config(directory, cls.config_class))
+        io.load_weights(directory, model)
+        return model.to(device or "cpu").eval()
 
 
 def tokenizer_kind(directory) -> str:
@@ -73,14 +107,7 @@ def tokenizer_class(kind: str):
 
 def load_image_tokenizer_config(directory):
     """The config (DVAEConfig or VQGANConfig) in `directory`: vocab_size, grid_size and image_size without the weights."""
-    from .io import load_config
-
-    kind = tokenizer_kind(directory)
-    if kind == "dvae":
-        from .dvae import DVAEConfig
-        return load_config(directory, DVAEConfig)
-    from .vqgan import VQGANConfig
-    return load_config(directory, VQGANConfig)
+    return io.load_config(directory, tokenizer_class(tokenizer_kind(directory)).config_class)
 
 
 def load_image_tokenizer(directory, device=None):

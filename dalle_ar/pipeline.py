@@ -33,6 +33,9 @@ from .dalle import DALLE
 from .image_tokenizer import KINDS, load_image_tokenizer
 from .images import image_grid, to_pil  # noqa: F401  (image_grid: dalle_ar.pipeline API, docs/api.md)
 from .io import atomic_path, write_json
+from .model_card import model_card
+from .pipeline_checks import (DTYPES, check_call, check_dtype, check_keep_rows, check_prompts, per_prompt,
+                              prompt_generators)
 from .rerank import CONSENSUS, LIKELIHOOD, CLIPReranker, check_consensus, check_likelihood, with_likelihood
 from .threads import check_threads, threads
 from .tokenizer import TextTokenizer
@@ -41,19 +44,6 @@ log = logging.getLogger(__name__)
 
 PIPELINE_FILE = "pipeline.json"
 CARD_FILE = "README.md"
-OUTPUT_TYPES = ("pil", "np", "pt", "codes")
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
-
-
-def check_dtype(dtype, name: str = "torch_dtype") -> Optional[torch.dtype]:
-    """None, a floating torch.dtype or one of DTYPES' names ("bf16", "torch.float16", ...) -> torch.dtype."""
-    if dtype is None or (isinstance(dtype, torch.dtype) and dtype in DTYPES.values()):
-        return dtype
-    if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
-        return DTYPES[dtype.removeprefix("torch.")]
-    raise ValueError(f"{name} must be None, torch.float32/bfloat16/float16 or one of {sorted(DTYPES)}, got {dtype!r}")
 
 
 @dataclass
@@ -70,18 +60,6 @@ class PromptResult:
     candidate_scores: Optional[list] = None
     codes: Optional[list] = None       # the kept images' code grids, Long[grid, grid]
     candidate_log_probs: Optional[list] = None  # per candidate (log p(codes | prompt), log p(codes | null caption))
-
-
-def check_prompts(prompts) -> list[str]:
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    prompts = list(prompts)
-    if not prompts:
-        raise ValueError("prompts: the list is empty")
-    for i, p in enumerate(prompts):
-        if not isinstance(p, str) or not p.strip():
-            raise ValueError(f"prompts: prompt {i} is empty or not a string: {p!r}")
-    return prompts
 
 
 class TextToImagePipeline:
@@ -416,28 +394,14 @@ class TextToImagePipeline:
         image token (step counts from 0 over the whole call; codes: that batch's codes so far).
         """
         prompts = check_prompts(prompts)
-        for name, v in (("num_candidates", num_candidates), ("keep", keep), ("batch_size", batch_size)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-        if keep > num_candidates:
-            raise ValueError(f"keep={keep} > num_candidates={num_candidates}")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        if callback_on_step_end is not None and not callable(callback_on_step_end):
-            raise ValueError(f"callback_on_step_end must be callable, got {type(callback_on_step_end).__name__}")
+        check_call(num_candidates, keep, batch_size, output_type, callback_on_step_end)
         consensus = CONSENSUS if consensus is None else check_consensus(consensus)
         likelihood = LIKELIHOOD if likelihood is None else check_likelihood(likelihood)
-        generators = self._generators(prompts, seed, generator)
-        negatives = _per_prompt(negative_prompt, prompts, "negative_prompt", allow_empty=True)
-        init_images = _per_prompt(init_image, prompts, "init_image")
+        generators = prompt_generators(prompts, seed, generator, self.device)
+        negatives = per_prompt(negative_prompt, prompts, "negative_prompt", allow_empty=True)
+        init_images = per_prompt(init_image, prompts, "init_image")
         g = self.dalle.config.image_grid
-        if keep_rows is not None and init_image is None:
-            raise ValueError("keep_rows needs an init_image")
-        if init_image is not None:
-            keep_rows = g // 2 if keep_rows is None else keep_rows
-            if not isinstance(keep_rows, int) or isinstance(keep_rows, bool) or not 1 <= keep_rows < g:
-                raise ValueError(f"keep_rows must be an int in [1, {g - 1}] (the image has {g} rows of codes), "
-                                 f"got {keep_rows!r}")
+        keep_rows = check_keep_rows(keep_rows, init_image, g)
         sampling = self.sampling_options(temperature, top_k, top_p, guidance_scale)
         if negatives is not None and sampling["guidance_scale"] == 1:
             log.warning("negative_prompt has no effect without guidance (guidance_scale=1)")
@@ -476,32 +440,6 @@ class TextToImagePipeline:
         bar.close()
         return results
 
-    def _generators(self, prompts, seed, generator) -> list:
-        if seed is not None and generator is not None:
-            raise ValueError("pass seed or generator, not both")
-        if generator is None:
-            if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-                raise ValueError(f"seed must be None or an int, got {seed!r}")
-            return [torch.Generator(device=self.device).manual_seed((seed or 0) + i) for i in range(len(prompts))]
-        gens = list(generator) if isinstance(generator, (list, tuple)) else [generator] * len(prompts)
-        if len(gens) != len(prompts) or not all(isinstance(x, torch.Generator) for x in gens):
-            raise ValueError(f"generator must be a torch.Generator or a list of {len(prompts)} (one per prompt), "
-                             f"got {generator!r}")
-        return gens
-
-
-def _per_prompt(value, prompts: list, name: str, allow_empty: bool = False) -> Optional[list]:
-    """None, one value for every prompt, or a list/tuple with one per prompt -> None or a list."""
-    if value is None:
-        return None
-    values = list(value) if isinstance(value, (list, tuple)) else [value] * len(prompts)
-    if len(values) != len(prompts):
-        raise ValueError(f"{name}: {len(values)} given for {len(prompts)} prompts")
-    if name == "negative_prompt":
-        for i, v in enumerate(values):
-            if not isinstance(v, str):
-                raise ValueError(f"negative_prompt must be a string or one per prompt, item {i} is {type(v).__name__}")
-    return values
 
 
 def _convert(output_type: str, codes: torch.Tensor, images: Optional[torch.Tensor], pil: Optional[list]) -> list:
@@ -513,53 +451,3 @@ def _convert(output_type: str, codes: torch.Tensor, images: Optional[torch.Tenso
     if output_type == "pt":
         return list(images)
     return list(images.permute(0, 2, 3, 1).numpy())
-
-
-def model_card(pipe: TextToImagePipeline, components: list) -> str:
-    """The pipeline directory's README.md: YAML front matter (Hugging Face model card fields) + usage."""
-    from .io import config_to_dict
-
-    card = pipe.card
-    datasets = card.get("datasets") or []
-    quality = card.get("quality") or {}
-    dalle = config_to_dict(pipe.dalle.config)
-    lines = ["---", "library_name: dalle-ar", "pipeline_tag: text-to-image",
-             f"license: {card.get('license', 'mit')}", "tags:", "  - text-to-image", "  - dall-e",
-             "  - autoregressive"]
-    if datasets:
-        lines += ["datasets:"] + [f"  - {json.dumps(str(d))}" for d in datasets]
-    if quality:
-        lines += ["model-index:", "  - name: dalle-ar", "    results:", "      - task:",
-                  "          type: text-to-image", "        metrics:"]
-        lines += [f"          - name: {json.dumps(str(k))}\n            type: {json.dumps(str(k))}\n"
-                  f"            value: {json.dumps(v)}" for k, v in quality.items()]
-    lines += ["---", "", f"# {card.get('name', 'dalle-ar text-to-image pipeline')}", ""]
-    lines += [card.get("description", "A DALL-E (2021) style pipeline: BPE text tokens, a decoder-only transformer "
-                                      "prior over [text ; image codes], an image tokenizer decoder (dVAE or VQGAN)"
-                                      + (" and CLIP reranking." if "clip" in components else "."))]
-    lines += ["", "```python", "from dalle_ar import TextToImagePipeline", "",
-              'pipe = TextToImagePipeline.from_pretrained("path/to/this/folder")',
-              'results = pipe(["a prompt"], num_candidates=16, keep=4)',
-              'results[0].images[0].save("best.png")', "```", "",
-              "or `dalle-ar generate --model path/to/this/folder --prompts prompts.txt --out out/`.", "",
-              "## Components", "", "| part | summary |", "| --- | --- |",
-              f"| tokenizer | BPE, {pipe.tokenizer.vocab_size} tokens, captions cut to {dalle['text_len']} |",
-              f"| prior | {pipe.dalle.num_parameters() / 1e6:.2f}M params: dim {dalle['dim']}, depth {dalle['depth']}, "
-              f"heads {dalle['heads']}, attention {', '.join(dalle['attn_types'])}, "
-              f"{dalle['image_grid']}x{dalle['image_grid']} image codes of {dalle['image_vocab_size']} |",
-              f"| image decoder | {pipe.image_tokenizer_kind}, {pipe.image_tokenizer.image_size} px, "
-                  f"vocab {pipe.image_tokenizer.vocab_size} |",
-              f"| reranker | {'CLIP (clip/)' if 'clip' in components else 'none'} |", "",
-              f"Sampling defaults: temperature {dalle['temperature']}, guidance scale {dalle['guidance_scale']}.", ""]
-    if datasets or card.get("training"):
-        lines += ["## Training", ""]
-        lines += [f"- data: {', '.join(map(str, datasets))}"] if datasets else []
-        lines += [f"- {k}: {v}" for k, v in (card.get("training") or {}).items()]
-        lines += [""]
-    if quality:
-        lines += ["## Quality", "", "| figure | value |", "| --- | --- |"]
-        lines += [f"| {k} | {v} |" for k, v in quality.items()] + [""]
-    lines += ["## Configs", "", "prior (`dalle/config.json`):", "", "```json", json.dumps(dalle, indent=2), "```", "",
-              f"image decoder (`{pipe.image_tokenizer_kind}/config.json`):", "", "```json",
-              json.dumps(config_to_dict(pipe.image_tokenizer.config), indent=2), "```", ""]
-    return "\n".join(lines)

@@ -11,23 +11,15 @@ Module and parameter names follow taming-transformers' `VQModel` / `GumbelVQ` (`
 Two generalisations for small models: `norm_groups` (taming fixes 32) and `num_res_blocks` as
 one int per level.
 
-Quantizers (`quantizer`):
-- "vq": nearest code, as taming's VectorQuantizer2 (commitment `beta`, straight-through
-  gradients), with options: `codebook_ema` (codebook moves by exponential moving averages of
-  its assigned vectors, van den Oord et al. 2017), `dead_code_threshold` (codes whose EMA usage
-  falls below it restart at a random encoder vector of the batch) and `l2_norm_codes` (lookup
-  by cosine similarity in a low-dimensional space: ViT-VQGAN, LlamaGen).
-- "gumbel": taming's GumbelQuantize: logits over n_embed, Gumbel-softmax during training (KL
-  to the uniform prior), argmax without noise at inference.
-- "fsq": finite scalar quantization (Mentzer et al. 2023): each of len(fsq_levels) channels is
-  bounded and rounded to one of its levels; no codebook, every code usable, nothing to collapse.
-The quantizers are written here (each a few lines) rather than taken from vector-quantize-pytorch,
-whose module and buffer names differ from taming's and would break the checkpoint mapping.
+Quantizers (`quantizer`, dalle_ar/quantizers.py): "vq" (taming's VectorQuantizer2, with optional
+EMA codebook, dead-code restarts and l2-normalised codes), "gumbel" (taming's GumbelQuantize) and
+"fsq" (finite scalar quantization: no codebook).
 
 Training loss (forward): L1 or L2 reconstruction, optionally weighted up on edges of the target
 (`edge_weight`: flat-colour images put all their detail there), + the quantizer's loss
-(commitment / codebook / KL). The adversarial and perceptual terms live with the discriminator
-(dalle_ar/vqgan_loss.py), outside this module, so the tokenizer's state dict is only the tokenizer.
+(commitment / codebook / KL). The adversarial and perceptual terms, and the discriminator, belong
+to training and live outside this module (the VQGAN loss module), so the tokenizer's state dict is
+only the tokenizer.
 """
 
 from __future__ import annotations
@@ -42,9 +34,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from . import io
-from .checks import check_images, check_state_dict, check_tokens
+from .checks import check_images, check_tokens
+from .dvae import cosine_ramp, psnr
 from .image_tokenizer import ImageTokenizerMixin
+from .quantizers import GumbelQuantizer, VectorQuantizer, build_quantizer
 
 QUANTIZERS = ("vq", "gumbel", "fsq")
 RECON_LOSSES = ("l1", "l2")
@@ -302,169 +295,13 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
-# ---- quantizers: z [B,D,h,w] -> (z_q [B,D,h,w] with straight-through gradients, loss, codes [B,h,w]) --------
-
-def _all_reduce(t: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks when training is distributed, so every rank's codebook stays the same."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(t)
-    return t
-
-
-class VectorQuantizer(nn.Module):
-    """Nearest-code VQ (taming's VectorQuantizer2, beta on the commitment term as in its legacy=False fix)."""
-
-    def __init__(self, c: VQGANConfig):
-        super().__init__()
-        self.c = c
-        self.embedding = nn.Embedding(c.n_embed, c.embed_dim)
-        nn.init.uniform_(self.embedding.weight, -1 / c.n_embed, 1 / c.n_embed)
-        if c.l2_norm_codes:
-            nn.init.normal_(self.embedding.weight)
-        if c.codebook_ema is not None:
-            self.embedding.weight.requires_grad_(False)  # moved by averages, not by the optimizer
-        # Training statistics, outside the state dict (checkpoints and exports hold the codebook only):
-        # per-code EMA of assignments per batch and of the summed vectors (EMA codebook), usage for restarts.
-        self.register_buffer("usage", torch.ones(c.n_embed), persistent=False)
-        self.register_buffer("embed_avg", torch.zeros(0), persistent=False)
-
-    def codebook(self) -> torch.Tensor:
-        w = self.embedding.weight
-        return F.normalize(w, dim=1) if self.c.l2_norm_codes else w
-
-    def _nearest(self, flat: torch.Tensor) -> torch.Tensor:
-        w = self.codebook().to(flat.dtype)
-        if self.c.l2_norm_codes:
-            return (flat @ w.t()).argmax(1)
-        d = flat.pow(2).sum(1, keepdim=True) + w.pow(2).sum(1) - 2 * flat @ w.t()
-        return d.argmin(1)
-
-    def codes(self, z: torch.Tensor) -> torch.Tensor:
-        flat = rearrange(z, "b d h w -> (b h w) d").float()
-        if self.c.l2_norm_codes:
-            flat = F.normalize(flat, dim=1)
-        return self._nearest(flat).view(z.shape[0], *z.shape[2:])
-
-    def embed(self, codes: torch.Tensor) -> torch.Tensor:
-        return rearrange(F.embedding(codes, self.codebook()), "b h w d -> b d h w")
-
-    def forward(self, z):
-        c = self.c
-        if c.l2_norm_codes:
-            z = F.normalize(z, dim=1)
-        flat = rearrange(z, "b d h w -> (b h w) d")
-        idx = self._nearest(flat.detach().float())
-        if self.training and torch.is_grad_enabled() and (c.codebook_ema is not None or c.dead_code_threshold > 0):
-            self._update(flat.detach().float(), idx)
-        z_q = self.embed(idx.view(z.shape[0], *z.shape[2:])).to(z.dtype)
-        commit = (z - z_q.detach()).pow(2).mean()
-        codebook = (z_q - z.detach()).pow(2).mean() if c.codebook_ema is None else z.new_zeros(())
-        z_q = z + (z_q - z).detach()
-        return z_q, codebook + c.beta * commit, idx.view(z.shape[0], *z.shape[2:])
-
-    @torch.no_grad()
-    def _update(self, flat: torch.Tensor, idx: torch.Tensor):
-        """EMA codebook step and dead-code restarts (both optional)."""
-        c = self.c
-        w = self.embedding.weight
-        if hasattr(w, "ds_numel") and w.ds_numel != w.numel():
-            raise ValueError("VQGANConfig.codebook_ema and dead_code_threshold are not supported with ZeRO stage 3 "
-                             "(the codebook is partitioned)")
-        counts = _all_reduce(torch.bincount(idx, minlength=c.n_embed).float())
-        decay = c.codebook_ema if c.codebook_ema is not None else 0.99
-        self.usage.mul_(decay).add_(counts, alpha=1 - decay)
-        if c.codebook_ema is not None:
-            sums = _all_reduce(torch.zeros(c.n_embed, c.embed_dim, device=flat.device).index_add_(0, idx, flat))
-            if self.embed_avg.numel() == 0:
-                self.embed_avg = w.detach().float().clone() * self.usage[:, None]
-            self.embed_avg.mul_(decay).add_(sums, alpha=1 - decay)
-            n = self.usage.sum()
-            size = (self.usage + 1e-5) / (n + c.n_embed * 1e-5) * n  # Laplace smoothing: no division by 0
-            w.data.copy_((self.embed_avg / size[:, None]).to(w.dtype))
-        if c.dead_code_threshold > 0:
-            dead = self.usage < c.dead_code_threshold
-            if dead.any():
-                # The same new vectors on every rank: rank 0's picks, broadcast.
-                pick = torch.randint(0, len(flat), (int(dead.sum()),), device=flat.device)
-                new = flat[pick]
-                if torch.distributed.is_available() and torch.distributed.is_initialized():
-                    torch.distributed.broadcast(new, 0)
-                w.data[dead] = new.to(w.dtype)
-                self.usage[dead] = 1.0  # give restarted codes time to be picked
-                if self.embed_avg.numel():
-                    self.embed_avg[dead] = new
-
-
-class GumbelQuantizer(nn.Module):
-    """taming's GumbelQuantize: logits -> Gumbel-softmax over codes (train) or argmax (inference) -> embed."""
-
-    def __init__(self, c: VQGANConfig):
-        super().__init__()
-        self.c = c
-        self.proj = _conv(c.embed_dim, c.n_embed, 1)
-        self.embed = nn.Embedding(c.n_embed, c.embed_dim)
-        self.temperature = c.temp_start
-
-    def codes(self, z):
-        return self.proj(z.float() if self.proj.weight.dtype == torch.float32 else z).argmax(1)
-
-    def embed_codes(self, codes):
-        return rearrange(self.embed(codes), "b h w d -> b d h w")
-
-    def forward(self, z):
-        logits = self.proj(z)
-        if self.training and torch.is_grad_enabled():
-            soft = F.gumbel_softmax(logits.float(), tau=self.temperature, dim=1, hard=self.c.gumbel_straight_through)
-        else:
-            soft = F.one_hot(logits.argmax(1), self.c.n_embed).permute(0, 3, 1, 2).float()
-        z_q = torch.einsum("bnhw,nd->bdhw", soft.to(z.dtype), self.embed.weight)
-        q = logits.float().softmax(1)
-        kl = (q * torch.log(q * self.c.n_embed + 1e-10)).sum(1).mean()  # KL(q || uniform), nats per code
-        return z_q, self.c.gumbel_kl_weight * kl, soft.argmax(1)
-
-
-class FSQ(nn.Module):
-    """Finite scalar quantization: channel i bounded to levels[i] values by tanh, rounded (straight-through)."""
-
-    def __init__(self, c: VQGANConfig):
-        super().__init__()
-        levels = torch.tensor(c.fsq_levels)
-        basis = torch.cumprod(torch.tensor((1,) + c.fsq_levels[:-1]), 0)
-        self.register_buffer("levels", levels, persistent=False)
-        self.register_buffer("basis", basis, persistent=False)
-
-    def _quantize(self, z):
-        """z [B,D,h,w] -> values on the grid {-(L//2) .. } / (L//2) per channel (straight-through)."""
-        L = self.levels.view(1, -1, 1, 1).to(z.dtype)
-        half = (L - 1) * (1 + 1e-3) / 2
-        offset = torch.where(L % 2 == 0, 0.5, 0.0)
-        bounded = torch.tanh(z + torch.atanh(offset / half)) * half - offset
-        rounded = bounded + (bounded.round() - bounded).detach()
-        return rounded / (L // 2)
-
-    def _to_codes(self, q):
-        L = self.levels.view(1, -1, 1, 1)
-        digits = (q * (L // 2) + L // 2).round().long()
-        return (digits * self.basis.view(1, -1, 1, 1)).sum(1)
-
-    def codes(self, z):
-        return self._to_codes(self._quantize(z.float()))
-
-    def embed_codes(self, codes):
-        L, basis = self.levels.view(1, -1, 1, 1), self.basis.view(1, -1, 1, 1)
-        digits = (codes[:, None] // basis) % L
-        return ((digits - L // 2) / (L // 2)).float()
-
-    def forward(self, z):
-        q = self._quantize(z)
-        return q, z.new_zeros(()), self._to_codes(q.detach())
-
-
 # ---- the model -----------------------------------------------------------------------------------
 
 class VQGAN(ImageTokenizerMixin, nn.Module):
     """Encoder + quantizer + decoder in taming's VQModel layout; encode / decode / vocab_size / grid_size /
     grid() are the image-tokenizer interface (dalle_ar.image_tokenizer)."""
+
+    config_class, label = VQGANConfig, "VQGAN"
 
     def __init__(self, config: VQGANConfig):
         super().__init__()
@@ -475,7 +312,7 @@ class VQGAN(ImageTokenizerMixin, nn.Module):
         self.decoder = Decoder(c)
         self.quant_conv = _conv(c.z_channels, c.embed_dim, 1)
         self.post_quant_conv = _conv(c.embed_dim, c.z_channels, 1)
-        self.quantize = {"vq": VectorQuantizer, "gumbel": GumbelQuantizer, "fsq": FSQ}[c.quantizer](c)
+        self.quantize = build_quantizer(c)
 
     def _check_images(self, images):
         c = self.config
@@ -516,7 +353,6 @@ class VQGAN(ImageTokenizerMixin, nn.Module):
         """Schedules that follow the optimizer step (the Gumbel temperature)."""
         c = self.config
         if isinstance(self.quantize, GumbelQuantizer):
-            from .dvae import cosine_ramp
             self.quantize.temperature = cosine_ramp(step, c.temp_anneal_steps, c.temp_start, c.temp_end)
 
     def reconstruct(self, images: torch.Tensor, step: Optional[int] = None):
@@ -539,8 +375,6 @@ class VQGAN(ImageTokenizerMixin, nn.Module):
         gradients: training terms added here, inside forward (the GAN and perceptual terms of
         dalle_ar/vqgan_loss.py; under DeepSpeed they are then part of the engine's forward, whose outputs
         may be differentiated only by engine.backward)."""
-        from .dvae import psnr
-
         x = self._check_images(images).float()
         target = 2 * x - 1
         recon, q_loss, codes = self.reconstruct(x, step)
@@ -558,23 +392,7 @@ class VQGAN(ImageTokenizerMixin, nn.Module):
     # -- save / load
     def save_pretrained(self, directory, state_dict: Optional[dict] = None) -> Path:
         """Write config.json (kind "vqgan") + model.safetensors (`state_dict`, e.g. consolidated by the engine, or the module's)."""
-        if state_dict is None:
-            state_dict = expected = self.state_dict()
-        else:  # shapes from the config, not the live module: under ZeRO-3 its parameters are partitioned
-            with torch.device("meta"):
-                expected = VQGAN(self.config).state_dict()
-        check_state_dict(state_dict, expected, "state_dict", "the VQGANConfig")
-        return io.save_pretrained(directory, self.config, state_dict)
-
-    @classmethod
-    def from_pretrained(cls, directory, device=None) -> "VQGAN":
-        """Load a directory written by save_pretrained or `dalle-ar convert taming-vqgan`; eval mode."""
-        directory = Path(directory)
-        if not directory.is_dir():
-            raise FileNotFoundError(f"VQGAN directory {directory} not found")
-        model = cls(io.load_config(directory, VQGANConfig))
-        io.load_weights(directory, model)
-        return model.to(device or "cpu").eval()
+        return self.write_pretrained(directory, self.state_dict() if state_dict is None else state_dict)
 
 
 def edge_map(images: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@
 `deepspeed` launcher on train/train_<stage>.py (N processes) in a session of its own, kill its whole
 process group, resume it, and check what it left behind. Shared by tests/test_matrix.py and
 bench/resume.py; everything goes through the CLI, the entry scripts and public model classes.
+`free_port` and `stop_process` also serve tests/test_serve.py and bench/serve.py (`dalle-ar serve`).
 """
 
 from __future__ import annotations
@@ -136,6 +137,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """Stop a server the way a user does (Ctrl-C: SIGINT), and kill it if it is still up after `timeout` s."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def train_cmd(spec: StageSpec, data: dict, out: Path, zero: int, nproc: int, *, steps: int, save_every: int,

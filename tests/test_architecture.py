@@ -77,7 +77,8 @@ def _under(names, prefixes) -> list[str]:
 
 
 MODELS = ["dalle_ar.dvae", "dalle_ar.dalle", "dalle_ar.transformer", "dalle_ar.rerank", "dalle_ar.clip",
-          "dalle_ar.checks", "dalle_ar.images", "dalle_ar.io"]
+          "dalle_ar.checks", "dalle_ar.images", "dalle_ar.io", "dalle_ar.vqgan", "dalle_ar.quantizers",
+          "dalle_ar.image_tokenizer"]
 
 
 @pytest.mark.parametrize("module", MODELS)

@@ -6,8 +6,6 @@ import base64
 import io
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -30,6 +28,7 @@ from dalle_ar.pipeline import TextToImagePipeline  # noqa: E402
 from dalle_ar.serve import create_app  # noqa: E402
 from dalle_ar.serve.batcher import Batcher, Job, QueueFull  # noqa: E402
 from dalle_ar.serve.metrics import Metrics  # noqa: E402
+from run_harness import free_port, stop_process  # noqa: E402
 from tiny import save_tiny_parts  # noqa: E402
 
 PROMPT = "a small red circle"  # 8 of the 12 tokens the tiny prior reads
@@ -364,12 +363,6 @@ def test_behind_a_proxy_that_strips_a_path_prefix(pipe):
         assert image.status_code == 200 and png(image.content).shape == (16, 16, 3)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_openai_client_against_dalle_ar_serve(pipe_dir, pipe, tmp_path):
     """`dalle-ar serve` in its own process, called by the official openai client, unchanged."""
@@ -408,11 +401,7 @@ def test_openai_client_against_dalle_ar_serve(pipe_dir, pipe, tmp_path):
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).images.generate(prompt=PROMPT)
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
 
 
 def test_serve_cli_errors(tmp_path, capsys):
