@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from common import pick_threads
-from dalle_ar.dvae import DiscreteVAE, codebook_usage, psnr
+from dalle_ar.dvae import DiscreteVAE, DVAEConfig, codebook_usage, psnr
 from dalle_ar.engine import TrainConfig, lr_at, param_groups
 from dalle_ar.io import config_from_dict
 from dalle_ar.vqgan import VQGAN, VQGANConfig
@@ -53,11 +53,17 @@ class Clock:
         return self.now() - self.t0
 
 
-def load_vq_config(path, image_size: int = 64) -> tuple[VQGANConfig, dict]:
-    """(VQGANConfig, train settings) from a stage config JSON ({"model": {...}, "train": {...}})."""
+def load_vq_config(path, image_size: int = 64):
+    """(VQGANConfig or DVAEConfig, train settings) from a stage config JSON ({"model": {...}, "train": {...}});
+    a model section with "kind": "dvae" is a dVAE-body config (e.g. its FSQ quantizer)."""
     d = json.loads(Path(path).read_text())
     model = {**d["model"], "image_size": image_size}
-    return config_from_dict(VQGANConfig, model), d.get("train", {})
+    cls = DVAEConfig if model.get("kind") == "dvae" else VQGANConfig
+    return config_from_dict(cls, model), d.get("train", {})
+
+
+def build_vq(config):
+    return DiscreteVAE(config) if isinstance(config, DVAEConfig) else VQGAN(config)
 
 
 def train(model, next_batch, steps: int, lr: float, warmup: int, budget_s: float, clock: str, log_every: int = 0):
@@ -126,7 +132,7 @@ def make_tokenizer(kind: str, a, seed: int):
     if kind == "dvae":
         return DiscreteVAE(dvae_model_config(a.dvae_args))
     config, _ = load_vq_config(a.vq_config)
-    return VQGAN(config)
+    return build_vq(config)
 
 
 def settings(kind: str, a) -> dict:
@@ -230,8 +236,8 @@ def main(argv=None) -> int:
     kinds, seeds = a.kinds.split(","), [int(s) for s in a.seeds.split(",")]
     vq, _ = load_vq_config(a.vq_config)
     print(f"{torch.get_num_threads()} threads, load {load:.1f}, clock {a.clock}; VQ config {a.vq_config}: "
-          f"{sum(t.numel() for t in VQGAN(vq).parameters()) / 1e6:.2f}M params, grid {vq.grid_size}, "
-          f"{vq.quantizer} {vq.n_embed} codes", flush=True)
+          f"{sum(t.numel() for t in build_vq(vq).parameters()) / 1e6:.2f}M params, grid {vq.grid_size}, "
+          f"{vq.quantizer} {vq.vocab_size} codes", flush=True)
     results = {"load_start": load}
     worst = None
     if "shapes" in a.sections:
@@ -263,7 +269,7 @@ def main(argv=None) -> int:
             print(f"{kind:10s} {r['steps']:6d} {r['psnr']:6.2f} {r['codes_used']:6d}")
     if "throughput" in a.sections:
         torch.manual_seed(0)
-        small = {"vqgan": VQGAN(vq), "dvae": DiscreteVAE(dvae_model_config(a.dvae_args))}
+        small = {"vqgan": build_vq(vq), "dvae": DiscreteVAE(dvae_model_config(a.dvae_args))}
         big = VQGAN(VQGANConfig(image_size=256, **IMAGENET_F16))
         tp = results["throughput"] = {f"{k} 64px": throughput(m, 64, 3) for k, m in small.items()}
         tp["vqgan f16 ImageNet 256px"] = throughput(big, 4, 2)

@@ -32,8 +32,10 @@ from einops import rearrange
 
 from .checks import check_images, check_tokens
 from .image_tokenizer import ImageTokenizerMixin
+from .quantizers import FSQ
 
 LOSSES = ("logit_laplace", "mse")
+QUANTIZERS = ("gumbel", "fsq")
 
 
 @dataclass
@@ -69,6 +71,13 @@ class DVAEConfig:
     # by save_pretrained instead of the live weights. Not with ZeRO-3; not resumable: a resumed
     # run restarts the average from the checkpoint's weights.
     ema_decay: Optional[float] = None
+    # "gumbel": the paper's relaxed codes (above). "fsq": finite scalar quantization (Mentzer et al.
+    # 2023, dalle_ar/quantizers.py) between the same encoder and decoder: the encoder's last conv
+    # gives len(fsq_levels) channels, each rounded to one of its levels (straight-through), and the
+    # decoder's first conv reads them; vocab_size = prod(fsq_levels), no codebook, no KL or
+    # temperature (their fields are unused). The VQ family on the dVAE's cheap body.
+    quantizer: str = "gumbel"
+    fsq_levels: tuple = ()
     kind: str = "dvae"              # config.json names the image tokenizer (dalle_ar.image_tokenizer)
 
     def __post_init__(self):
@@ -100,10 +109,25 @@ class DVAEConfig:
             raise ValueError(f"DVAEConfig.hard_codes_from_step must be None or an int >= 0, got {h!r}")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ValueError(f"DVAEConfig.ema_decay must be None or in (0, 1), got {self.ema_decay}")
+        self.fsq_levels = tuple(self.fsq_levels)
+        if self.quantizer not in QUANTIZERS:
+            raise ValueError(f"DVAEConfig.quantizer must be one of {QUANTIZERS}, got {self.quantizer!r}")
+        if self.quantizer == "fsq":
+            if not self.fsq_levels or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 2
+                                              for v in self.fsq_levels):
+                raise ValueError(f"DVAEConfig.fsq_levels must be ints >= 2 with quantizer 'fsq', got {self.fsq_levels}")
+            if self.vocab_size != math.prod(self.fsq_levels):
+                raise ValueError(f"DVAEConfig with quantizer 'fsq' needs vocab_size = prod(fsq_levels) = "
+                                 f"{math.prod(self.fsq_levels)}, got {self.vocab_size}")
 
     @property
     def grid_size(self) -> int:
         return self.image_size // 2 ** (self.group_count - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels between encoder and decoder: one logit per code (gumbel) or one per FSQ level set."""
+        return len(self.fsq_levels) if self.quantizer == "fsq" else self.vocab_size
 
 
 # ---- layers (names and shapes as in OpenAI's dall_e package) -------------------------------------
@@ -185,7 +209,7 @@ class Encoder(nn.Module):
     def __init__(self, c: DVAEConfig):
         super().__init__()
         widths = [c.n_hid * 2 ** g for g in range(c.group_count)]
-        out = Conv2d(widths[-1], c.vocab_size, 1)
+        out = Conv2d(widths[-1], c.latent_channels, 1)
         with torch.no_grad():
             out.w.mul_(c.logit_init_scale)
         self.blocks = _stack(c, Conv2d(c.input_channels, c.n_hid, 7), c.n_hid, widths, (3, 3, 3, 1), "pool", out)
@@ -205,7 +229,7 @@ class Decoder(nn.Module):
         super().__init__()
         widths = [c.n_hid * 2 ** g for g in reversed(range(c.group_count))]
         n_out = c.input_channels * (2 if c.loss == "logit_laplace" else 1)
-        self.blocks = _stack(c, Conv2d(c.vocab_size, c.n_init, 1), c.n_init, widths, (1, 3, 3, 3), "upsample",
+        self.blocks = _stack(c, Conv2d(c.latent_channels, c.n_init, 1), c.n_init, widths, (1, 3, 3, 3), "upsample",
                              Conv2d(widths[-1], n_out, 1))
 
     def forward(self, z):
@@ -258,6 +282,8 @@ class DiscreteVAE(ImageTokenizerMixin, nn.Module):
         self.config = config
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
+        if config.quantizer == "fsq":  # buffers only (outside the state dict): the weights stay OpenAI's layout
+            self.fsq = FSQ(config)
         # A plain attribute (a dict, not a buffer or module): outside state_dict(), optimizers and ZeRO.
         self._ema, self._ema_step, self._ema_updates = None, None, 0
 
@@ -289,13 +315,15 @@ class DiscreteVAE(ImageTokenizerMixin, nn.Module):
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """[B,C,H,W] float in [0,1] -> LongTensor [B, grid, grid] (argmax codes, no Gumbel noise)."""
-        return self.logits(images).argmax(1)
+        """[B,C,H,W] float in [0,1] -> LongTensor [B, grid, grid] (argmax codes, no Gumbel noise; fsq: rounded)."""
+        z = self.logits(images)
+        return self.fsq.codes(z) if self.config.quantizer == "fsq" else z.argmax(1)
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Integer codes [B, grid, grid] -> float32 images [B,C,H,W] in [0,1]."""
-        return self._pixels(self.decoder(self._check_codes(codes)))
+        codes = self._check_codes(codes)
+        return self._pixels(self.decoder(self.fsq.embed_codes(codes) if self.config.quantizer == "fsq" else codes))
 
     # -- schedules
     def kl_weight(self, step: Optional[int] = None) -> float:
@@ -328,6 +356,8 @@ class DiscreteVAE(ImageTokenizerMixin, nn.Module):
             self._update_ema(step)
         x = self._check_images(images).float()
         y = self.map_pixels(x)
+        if c.quantizer == "fsq":
+            return self._fsq_forward(x, y, step)
         tau, beta = self.temperature(step), self.kl_weight(step)
         if self.hard_codes(step):
             # Frozen, not merely without gradient: DeepSpeed zero-fills the missing gradients of
@@ -341,16 +371,7 @@ class DiscreteVAE(ImageTokenizerMixin, nn.Module):
             logits = self.encoder(y).float()
             z = F.gumbel_softmax(logits, tau=tau, hard=c.straight_through, dim=1)
             stats = self.decoder(z).float()
-        mu = stats[:, : c.input_channels]
-
-        if c.loss == "logit_laplace":
-            # y in (eps, 1-eps) has density exp(-|logit y - mu| / b) / (2 b y (1 - y)).
-            log_b = stats[:, c.input_channels:]
-            nll = (y.logit() - mu).abs() * torch.exp(-log_b) + log_b + math.log(2) + torch.log(y * (1 - y))
-        else:
-            # A linear output: a sigmoid here saturates on flat backgrounds and stalls learning.
-            nll = (mu - y).pow(2)
-        recon = nll.mean()
+        recon = self._nll(stats, y).mean()
 
         # KL(q || uniform) = log V - H(q) at each latent position.
         logq = logits.log_softmax(1)
@@ -361,6 +382,30 @@ class DiscreteVAE(ImageTokenizerMixin, nn.Module):
         parts = {"recon": recon.detach(), "kl": kl.detach(), "kl_weight": torch.tensor(beta),
                  "temperature": torch.tensor(tau), "psnr": psnr(self._pixels(stats.detach()), x)}
         return loss, parts
+
+    def _nll(self, stats, y):
+        """Per-pixel reconstruction loss of decoder statistics against y (model space)."""
+        c = self.config
+        mu = stats[:, : c.input_channels]
+        if c.loss == "logit_laplace":
+            # y in (eps, 1-eps) has density exp(-|logit y - mu| / b) / (2 b y (1 - y)).
+            log_b = stats[:, c.input_channels:]
+            return (y.logit() - mu).abs() * torch.exp(-log_b) + log_b + math.log(2) + torch.log(y * (1 - y))
+        # A linear output: a sigmoid here saturates on flat backgrounds and stalls learning.
+        return (mu - y).pow(2)
+
+    def _fsq_forward(self, x, y, step):
+        """quantizer="fsq": the reconstruction loss through rounded latents (no KL); the decoder-only
+        phase freezes the encoder as for gumbel. parts: recon, psnr."""
+        if self.hard_codes(step):
+            self.encoder.requires_grad_(False)
+            with torch.no_grad():
+                z = self.encoder(y).float()
+        else:
+            z = self.encoder(y).float()
+        stats = self.decoder(self.fsq(z)[0]).float()
+        recon = self._nll(stats, y).mean()
+        return recon, {"recon": recon.detach(), "psnr": psnr(self._pixels(stats.detach()), x)}
 
     # -- EMA of the weights (optional)
     @torch.no_grad()

@@ -162,6 +162,43 @@ def test_overfits_a_few_images():
     assert 1 <= usage["perplexity"] <= 32 and 0 < usage["used_fraction"] <= 1
 
 
+FSQ = dict(quantizer="fsq", fsq_levels=(4, 3, 3), vocab_size=36, loss="mse", logit_laplace_eps=1e-6)
+
+
+def test_fsq_quantizer_learns_and_round_trips_codes(tmp_path):
+    """quantizer="fsq": the encoder gives len(fsq_levels) channels, rounded to the levels; codes index
+    the level grid (vocab = prod(levels)); the loss is the reconstruction alone; save/load keeps it."""
+    model = make(**FSQ)
+    assert model.encoder.blocks.output.conv.w.shape[0] == 3 and model.decoder.blocks.input.w.shape[1] == 3
+    assert not any("fsq" in k for k in model.state_dict())  # the layout's weights only
+    x = blocks_images()
+    before = float(psnr(model.eval().decode(model.encode(x)), x))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for step in range(40):
+        loss, parts = model(x, step=step)
+        assert set(parts) == {"recon", "psnr"} and float(loss.detach()) == pytest.approx(float(parts["recon"]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    codes = model.encode(x)
+    assert codes.dtype == torch.long and codes.shape == (4, 8, 8) and 0 <= int(codes.min()) <= int(codes.max()) < 36
+    assert float(psnr(model.decode(codes), x)) > before + 4
+    # decode(codes) is the decoder on the rounded latents the training pass used
+    with torch.no_grad():
+        q = model.fsq(model.encoder(model.map_pixels(x)).float())[0]
+        assert torch.allclose(model.decode(codes), model._pixels(model.decoder(q)), atol=1e-5)
+    model.save_pretrained(tmp_path / "fsq")
+    loaded = DiscreteVAE.from_pretrained(tmp_path / "fsq")
+    assert loaded.config.quantizer == "fsq" and loaded.config.fsq_levels == (4, 3, 3)
+    assert loaded.encode(x).equal(codes) and torch.allclose(loaded.decode(codes), model.decode(codes))
+    for kw, name in [(dict(fsq_levels=()), "fsq_levels"), (dict(fsq_levels=(4, 1)), "fsq_levels"),
+                     (dict(vocab_size=32), "vocab_size"), (dict(quantizer="vq"), "quantizer")]:
+        with pytest.raises(ValueError, match=name):
+            DVAEConfig(**{**TINY, **FSQ, **kw})
+
+
 def test_mse_decodes_linearly_and_logit_init_scale_scales_the_logits():
     torch.manual_seed(0)
     a = make(loss="mse")

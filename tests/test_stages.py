@@ -60,6 +60,23 @@ def scalars(run_dir) -> dict:
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}, acc.Tags()["images"]
 
 
+def test_dvae_stage_with_the_fsq_quantizer(run, tmp_path, capsys):
+    """The shipped FSQ config trains through `dalle-ar train dvae` (no KL / temperature warnings), and its
+    export is an image tokenizer whose codes index prod(fsq_levels) = 1000 codes."""
+    from dalle_ar.image_tokenizer import load_image_tokenizer
+
+    result = run_stage("dvae", run["train"], tmp_path / "fsq", val_shards=run["val"],
+                       config_file=config_path("dvae-fsq-shapes.json"),
+                       overrides=["model.n_hid=8", "model.n_init=8", "data.num_workers=0", *COMMON])
+    assert result["steps"] == 3 and result["metrics"]["val_psnr"] > 0
+    assert "WARNING" not in capsys.readouterr().out  # kl_warmup_steps / temp_anneal_steps (5000, 150000) unused
+    model = load_image_tokenizer(tmp_path / "fsq" / "export")
+    assert model.config.quantizer == "fsq" and model.vocab_size == 1000 and model.grid_size == 8
+    x = torch.rand(2, 3, 64, 64)
+    codes = model.encode(x)
+    assert codes.shape == (2, 8, 8) and int(codes.max()) < 1000 and model.decode(codes).shape == (2, 3, 64, 64)
+
+
 def test_validation_curves_every_eval_every_steps(run):
     """Issue 22, item 5: train.eval_every=2 evaluates the val shards at steps 2 and 3 (the last) through the
     engine's on_eval hook and logs val/* to TensorBoard, beside the sample grids."""

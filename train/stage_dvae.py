@@ -30,6 +30,8 @@ class DVAEStage(ImageTokenizerStage):
         what = {"kl_warmup_steps": "the KL weight never reaches model.kl_weight",
                 "temp_anneal_steps": "the Gumbel temperature never reaches model.temp_end",
                 "hard_codes_from_step": "the decoder-only phase on hard codes never starts"}
+        if m.quantizer == "fsq":  # no KL, no temperature
+            what = {k: v for k, v in what.items() if k == "hard_codes_from_step"}
         value = {k: getattr(m, k) or 0 for k in what}  # hard_codes_from_step may be None (no such phase)
         longest = max(value.values())  # suggestions keep the proportions, the longest at 80% of the run
         return [f"WARNING: model.{k}={value[k]} >= train.steps={steps}: {text}; scale it to the run "
