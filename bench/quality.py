@@ -6,10 +6,12 @@
 
 Each prompt gets N candidates ONCE per guidance setting (default: the model's configured
 guidance_scale), through the pipeline's own sampling and reranking. Each candidate is judged,
-then three picks are reported:
+then these picks are reported:
   reranked best of N   the reranker's top-1 (what the pipeline returns)
   single sample        the mean over all N candidates: the expected accuracy of one sample
   best-of-N oracle     1 if any candidate is right (per column): the upper bound of any reranker
+and two other rankings of the same candidates: + the prior's likelihood ratio log p(x | prompt) -
+log p(x | null caption) with weight --mix, and the likelihood ratio alone (rerank.with_likelihood).
 shapes prompts (`evaluation_captions`): canonical captions of validation scenes (shapes spec),
   drawn so that at least a quarter (and >= 32) are two-object scenes and at least a quarter of each
   kind hold a held-out colour/shape pair. shapes.check_image judges them (relation over two-object
@@ -44,9 +46,9 @@ from dalle_ar.images import to_pil
 from dalle_ar.pipeline import TextToImagePipeline
 from dalle_ar.rerank import LIKELIHOOD, with_likelihood
 
-PICKS = ("reranked", "random", "oracle", "clip", "likelihood")
+PICKS = ("reranked", "random", "oracle", "mix", "likelihood")
 PICK_NAMES = {"reranked": "reranked best of {n}", "random": "single sample", "oracle": "best-of-{n} oracle",
-              "clip": "  CLIP + consensus only", "likelihood": "  likelihood ratio only"}
+              "mix": "  CLIP + consensus + likelihood ratio", "likelihood": "  likelihood ratio alone"}
 
 
 def fmt(v) -> str:
@@ -184,6 +186,8 @@ def main(argv=None) -> None:
                    help="comma list of guidance scales (default: the model's configured one); e.g. 1.5,1")
     p.add_argument("--likelihood", type=float, default=LIKELIHOOD,
                    help="weight of the likelihood ratio in the reranked pick (the pipeline's default)")
+    p.add_argument("--mix", type=float, default=1.0,
+                   help="weight of the likelihood ratio in the 'CLIP + consensus + likelihood ratio' row")
     p.add_argument("--recon", type=int, default=256, help="real val images the dVAE reconstructs (shapes)")
     p.add_argument("--speed-prompts", type=int, default=4, help="prompts (x candidates) timed for speed")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -228,7 +232,7 @@ def main(argv=None) -> None:
         results = pipe(prompts, num_candidates=a.candidates, keep=1, guidance_scale=g, seed=a.seed,
                        return_candidates=True, likelihood=0.0)  # CLIP + consensus scores; the mix is redone here
         judged = [[judge(i, im) for im in r.candidates] for i, r in enumerate(tqdm(results, desc="judge", leave=False))]
-        tops = {"reranked": ranked_tops(results, a.likelihood), "clip": ranked_tops(results, 0.0),
+        tops = {"reranked": ranked_tops(results, a.likelihood), "mix": ranked_tops(results, a.mix),
                 "likelihood": ranked_tops(results, float("inf"))}
         entry = {}
         for pick in PICKS:

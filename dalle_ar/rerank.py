@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 CONSENSUS = 1.0  # default weight of candidate agreement in rerank (why: docs/benchmarks.md, reranker variants)
-LIKELIHOOD = 1.0  # default weight of the prior's likelihood ratio in the pipeline's ranking (docs/benchmarks.md)
+LIKELIHOOD = 0.0  # default weight of the prior's likelihood ratio in the ranking: off, it picked worse (docs/benchmarks.md)
 
 
 class CLIPReranker:

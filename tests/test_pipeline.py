@@ -65,15 +65,17 @@ def test_kept_images_are_the_best_scored_candidates(pipe):
 
 @pytest.mark.parametrize("guidance_scale", [1.0, 2.0])
 def test_likelihood_ratio_joins_the_ranking(pipe, guidance_scale):
-    """Default ranking = CLIP + consensus + LIKELIHOOD * z(log p(x | prompt) - log p(x | null caption)),
-    the log-likelihoods being the prior's own (teacher-forced pass = what sampling accumulated)."""
+    """likelihood=w ranks by CLIP + consensus + w * z(log p(x | prompt) - log p(x | null caption)), the
+    log-likelihoods being the prior's own (teacher-forced pass = what sampling accumulated); off by default."""
     from dalle_ar.rerank import LIKELIHOOD, _zscore
+
+    assert LIKELIHOOD == 0.0
 
     prompt = "a small red circle in the top left"
     kw = dict(num_candidates=6, keep=6, seed=3, guidance_scale=guidance_scale, output_type="codes",
               return_candidates=True, progress=False)
-    (mixed,) = pipe([prompt], **kw)
-    (clip,) = pipe([prompt], likelihood=0.0, **kw)
+    (mixed,) = pipe([prompt], likelihood=2.0, **kw)
+    (clip,) = pipe([prompt], **kw)
     codes = torch.stack(mixed.candidates)
     text = pipe.encode_prompts([prompt]).expand(6, -1)
     cond = pipe.dalle.log_likelihood(text, codes)
@@ -82,16 +84,16 @@ def test_likelihood_ratio_joins_the_ranking(pipe, guidance_scale):
     assert lp[:, 0].tolist() == pytest.approx(cond.tolist(), abs=1e-3)
     assert lp[:, 1].tolist() == pytest.approx(null.tolist(), abs=1e-3)
     pmi = lp[:, 0] - lp[:, 1]
-    expected = torch.tensor(clip.candidate_scores) + LIKELIHOOD * _zscore(pmi)
+    expected = torch.tensor(clip.candidate_scores) + 2.0 * _zscore(pmi)
     assert mixed.candidate_scores == pytest.approx(expected.tolist(), abs=1e-4)
     order = torch.argsort(expected, descending=True, stable=True).tolist()
     assert [c.tolist() for c in mixed.images] == [codes[j].tolist() for j in order]
     # Without a CLIP, the likelihood ratio ranks alone (and 0 keeps the sampling order).
     bare = TextToImagePipeline(pipe.tokenizer, pipe.image_tokenizer, pipe.dalle, reranker=None)
-    (alone,) = bare([prompt], **kw)
+    (alone,) = bare([prompt], likelihood=1.0, **kw)
     assert [c.tolist() for c in alone.images] == \
         [codes[j].tolist() for j in torch.argsort(pmi, descending=True, stable=True)]
-    (unranked,) = bare([prompt], likelihood=0.0, **kw)
+    (unranked,) = bare([prompt], **kw)
     assert [c.tolist() for c in unranked.images] == [c.tolist() for c in codes]
 
 
