@@ -1,8 +1,8 @@
 """Image tokenizers side by side: the dVAE and the VQ family, same budget, same `shapes` val scenes.
 
-    python bench/image_tokenizers.py                          # dVAE + shipped VQ config, 3 seeds, photos, throughput
+    python bench/image_tokenizers.py                          # dVAE + the FSQ dVAE, 3 seeds, photos, throughput
     python bench/image_tokenizers.py --minutes 0.5 --seeds 0  # smoke run
-    python bench/image_tokenizers.py --sections shapes --kinds vqgan --vq-config train/configs/vqgan-shapes.json
+    python bench/image_tokenizers.py --sections shapes --kinds vq --vq-config train/configs/vqgan-shapes.json
 
 (a) shapes: each tokenizer trains for --minutes (plain loop, AdamW + warm-up/cosine LR as the
     engine; the LR schedule follows the clock so it ends on time) on 64x64 `shapes` train scenes,
@@ -14,6 +14,7 @@
 --clock cpu measures the budget in this process's CPU seconds / the core count instead of wall
 seconds: on a machine shared with other jobs it grants the steps an idle machine would run.
 Last line: vq_exact_worst=<fraction> (the VQ config's worst seed, one- and two-object scenes together).
+The VQ config (--vq-config) is a stage config JSON: a VQGAN's, or a dVAE-body one ("kind": "dvae", its FSQ quantizer).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from dvae import model_config as dvae_model_config
 from dvae import photo_data, random_crop, shapes_data
 
 ROOT = Path(__file__).resolve().parent.parent
-VQ_CONFIG = ROOT / "train" / "configs" / "vqgan-shapes.json"
+VQ_CONFIG = ROOT / "train" / "configs" / "dvae-fsq-shapes.json"
 
 
 class Clock:
@@ -218,8 +219,9 @@ def dvae_defaults() -> argparse.Namespace:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sections", default="shapes,photos,throughput")
-    p.add_argument("--kinds", default="dvae,vqgan")
-    p.add_argument("--vq-config", default=str(VQ_CONFIG))
+    p.add_argument("--kinds", default="dvae,vq", help="dvae (bench/dvae.py's recipe), vq (--vq-config)")
+    p.add_argument("--vq-config", default=str(VQ_CONFIG),
+                   help="a VQ-family stage config: the FSQ dVAE (default) or a VQGAN (train/configs/vqgan-shapes.json)")
     p.add_argument("--minutes", type=float, default=5.0)
     p.add_argument("--steps", type=int, default=0, help="fixed steps instead of a time budget")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall")
@@ -260,7 +262,7 @@ def main(argv=None) -> int:
             w = {k: min(r[k] for r in rs) for k in ("exact", "exact_one", "exact_two")}
             print(f"{kind:10s} worst  exact {w['exact']:.3f}  one-object {w['exact_one']:.3f}  two-object {w['exact_two']:.3f}")
             results[f"{kind}_worst"] = w
-            if kind == "vqgan":
+            if kind == "vq":
                 worst = w["exact"]
     if "photos" in a.sections:
         rows = results["photos"] = {kind: bench_photos(kind, a, seeds[0]) for kind in kinds}
@@ -269,7 +271,7 @@ def main(argv=None) -> int:
             print(f"{kind:10s} {r['steps']:6d} {r['psnr']:6.2f} {r['codes_used']:6d}")
     if "throughput" in a.sections:
         torch.manual_seed(0)
-        small = {"vqgan": build_vq(vq), "dvae": DiscreteVAE(dvae_model_config(a.dvae_args))}
+        small = {"vq": build_vq(vq), "dvae": DiscreteVAE(dvae_model_config(a.dvae_args))}
         big = VQGAN(VQGANConfig(image_size=256, **IMAGENET_F16))
         tp = results["throughput"] = {f"{k} 64px": throughput(m, 64, 3) for k, m in small.items()}
         tp["vqgan f16 ImageNet 256px"] = throughput(big, 4, 2)

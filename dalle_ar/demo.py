@@ -1,6 +1,6 @@
 """`dalle-ar demo`: the whole recipe on a built-in set, on a CPU, with no download.
 
-    data shards -> BPE tokenizer -> image tokenizer (dVAE, or VQGAN with image_tokenizer="vqgan")
+    data shards -> BPE tokenizer -> image tokenizer (dVAE; image_tokenizer="dvae-fsq" or "vqgan" for the VQ family)
                 -> code shards -> CLIP -> prior -> pipeline -> reranked images
 
 Every stage goes through the same DeepSpeed engine as `dalle-ar train`. Each finished stage leaves
@@ -31,10 +31,11 @@ log = logging.getLogger(__name__)
 # 2 CPU cores; "fast" is a ~2 minute smoke run (the images will be poor).
 BUDGETS = {
     "default": {"data": {"train_size": 12000, "val_size": 1000},
-                "dvae": [], "vqgan": [], "clip": [], "dalle": [],
+                "dvae": [], "dvae-fsq": [], "vqgan": [], "clip": [], "dalle": [],
                 "generate": {"prompts": 48, "candidates": 16, "sheet": 4}},
     "fast": {"data": {"train_size": 2000, "val_size": 200},
-             "dvae": ["train.steps=60", "model.hard_codes_from_step=45"], "vqgan": ["train.steps=60"],
+             "dvae": ["train.steps=60", "model.hard_codes_from_step=45"], "dvae-fsq": ["train.steps=60"],
+             "vqgan": ["train.steps=60"],
              "clip": ["train.steps=40"], "dalle": ["train.steps=60"],
              "generate": {"prompts": 8, "candidates": 4, "sheet": 4}},
 }
@@ -56,14 +57,15 @@ def _stage(folder: Path, what: str, fn):
     return info
 
 
-# The demo's image tokenizer: the dVAE, the one docs/benchmarks.md measured better for this budget
-# (bench/image_tokenizers.py); the VQGAN is one argument away.
-IMAGE_TOKENIZERS = ("dvae", "vqgan")
+# The demo's image tokenizers: {name: (stage, config name, label)}. Which is the default and why:
+# docs/benchmarks.md, "Image tokenizers"; the others are one argument away.
+IMAGE_TOKENIZERS = {"dvae": ("dvae", "dvae", "dVAE"), "dvae-fsq": ("dvae", "dvae-fsq", "dVAE (FSQ)"),
+                    "vqgan": ("vqgan", "vqgan", "VQGAN")}
 
 
 def run_demo(out, data: str = "shapes", budget: str = "default", seed: int = 0, image_tokenizer: str = "dvae") -> dict:
     if image_tokenizer not in IMAGE_TOKENIZERS:
-        raise ValueError(f"image_tokenizer must be one of {IMAGE_TOKENIZERS}, got {image_tokenizer!r}")
+        raise ValueError(f"image_tokenizer must be one of {tuple(IMAGE_TOKENIZERS)}, got {image_tokenizer!r}")
     if data not in ("shapes", "digits"):
         raise ValueError(f"data must be 'shapes' or 'digits', got {data!r}")
     if budget not in BUDGETS:
@@ -93,11 +95,11 @@ def run_demo(out, data: str = "shapes", budget: str = "default", seed: int = 0, 
 
     summary["tokenizer"] = _stage(tok_dir, "BPE tokenizer", train_tokenizer)
 
-    def train(stage, folder, shards, extra=()):
+    def train(stage, folder, shards, extra=(), config=None):
         def fn():
             r = run_stage(stage, shards, folder, val_shards=val_shards,
-                          config_file=config_path(f"{stage}-{data}.json"),
-                          overrides=[*b[stage], *extra], resume=True)
+                          config_file=config_path(f"{config or stage}-{data}.json"),
+                          overrides=[*b[config or stage], *extra], resume=True)
             return {"steps": r.get("steps"), "loss": r.get("final_loss"), **r.get("metrics", {})}
         return fn
 
@@ -106,7 +108,8 @@ def run_demo(out, data: str = "shapes", budget: str = "default", seed: int = 0, 
     other = [k for k in IMAGE_TOKENIZERS if k != kind and (runs / k / "done.json").is_file()]
     if other:  # its codes, prior and pipeline would be resumed with the wrong tokenizer
         raise ValueError(f"demo folder {out} was made with the {other[0]} image tokenizer; use another --out for {kind}")
-    summary[kind] = _stage(runs / kind, {"dvae": "dVAE", "vqgan": "VQGAN"}[kind], train(kind, runs / kind, train_shards))
+    stage, config, label = IMAGE_TOKENIZERS[kind]
+    summary[kind] = _stage(runs / kind, label, train(stage, runs / kind, train_shards, config=config))
     dvae_dir = runs / kind / "export"
 
     # 3. pre-encode the shards so the prior trains without the dVAE forward pass

@@ -148,6 +148,14 @@ def test_demo_budget_choices_match_the_budgets():
     assert sorted(BUDGET_NAMES) == sorted(BUDGETS)
 
 
+def test_demo_image_tokenizer_choices_match_the_demo():
+    from dalle_ar.cli.demo import IMAGE_TOKENIZER_NAMES
+    from dalle_ar.demo import BUDGETS, IMAGE_TOKENIZERS
+
+    assert list(IMAGE_TOKENIZER_NAMES) == list(IMAGE_TOKENIZERS)
+    assert all(name in budget for budget in BUDGETS.values() for name in IMAGE_TOKENIZERS)
+
+
 def test_every_stage_is_offered_by_the_cli():
     from dalle_ar.train import STAGE_NAMES
     from dalle_ar.train.stages import STAGES

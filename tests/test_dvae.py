@@ -143,18 +143,26 @@ def test_loss_parts_are_the_paper_objective():
         math.log(32) + float((logits.softmax(1) * logits.log_softmax(1)).sum(1).mean()), rel=1e-4)
 
 
-def test_overfits_a_few_images():
-    model = make(kl_weight=1.0, kl_warmup_steps=20, temp_anneal_steps=30, temp_end=0.25)
-    x = blocks_images()
+def fit(model, x, steps: int, check=None) -> float:
+    """Adam on x for `steps` steps (check(loss, parts) on each) -> PSNR of decode(encode(x)) before."""
     before = float(psnr(model.eval().decode(model.encode(x)), x))
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     model.train()
-    for step in range(30):
-        loss, _ = model(x, step=step)
+    for step in range(steps):
+        loss, parts = model(x, step=step)
+        if check is not None:
+            check(loss, parts)
         opt.zero_grad()
         loss.backward()
         opt.step()
     model.eval()
+    return before
+
+
+def test_overfits_a_few_images():
+    model = make(kl_weight=1.0, kl_warmup_steps=20, temp_anneal_steps=30, temp_end=0.25)
+    x = blocks_images()
+    before = fit(model, x, 30)
     codes = model.encode(x)
     after = float(psnr(model.decode(codes), x))
     assert after > before + 4, (before, after)
@@ -172,16 +180,11 @@ def test_fsq_quantizer_learns_and_round_trips_codes(tmp_path):
     assert model.encoder.blocks.output.conv.w.shape[0] == 3 and model.decoder.blocks.input.w.shape[1] == 3
     assert not any("fsq" in k for k in model.state_dict())  # the layout's weights only
     x = blocks_images()
-    before = float(psnr(model.eval().decode(model.encode(x)), x))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    model.train()
-    for step in range(40):
-        loss, parts = model(x, step=step)
+
+    def check(loss, parts):
         assert set(parts) == {"recon", "psnr"} and float(loss.detach()) == pytest.approx(float(parts["recon"]))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
+
+    before = fit(model, x, 40, check)
     codes = model.encode(x)
     assert codes.dtype == torch.long and codes.shape == (4, 8, 8) and 0 <= int(codes.min()) <= int(codes.max()) < 36
     assert float(psnr(model.decode(codes), x)) > before + 4

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 BUDGET_NAMES = ("default", "fast")  # the keys of dalle_ar.demo.BUDGETS (a test holds them equal)
+IMAGE_TOKENIZER_NAMES = ("dvae", "dvae-fsq", "vqgan")  # the keys of dalle_ar.demo.IMAGE_TOKENIZERS (same)
 
 
 def add_parser(subparsers) -> None:
@@ -14,7 +15,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--budget", choices=sorted(BUDGET_NAMES), default="default",
                    help="default: ~15 min on 2 CPU cores; fast: ~2 min smoke run")
     p.add_argument("--seed", type=int, default=0, help="seed of the data and of every stage")
-    p.add_argument("--tokenizer", choices=["dvae", "vqgan"], default="dvae", dest="image_tokenizer",
+    p.add_argument("--tokenizer", choices=IMAGE_TOKENIZER_NAMES, default="dvae", dest="image_tokenizer",
                    help="image tokenizer to train (default dvae: docs/benchmarks.md, 'Image tokenizers')")
     p.set_defaults(func=_demo)
 
