@@ -100,6 +100,8 @@ def run_demo(out, data: str = "shapes", budget: str = "default", seed: int = 0, 
             r = run_stage(stage, shards, folder, val_shards=val_shards,
                           config_file=config_path(f"{config or stage}-{data}.json"),
                           overrides=[*b[config or stage], *extra], resume=True)
+            if r.get("interrupted"):  # SIGTERM / SIGINT: the engine saved a checkpoint; not done
+                raise KeyboardInterrupt(f"{stage} stopped at step {r.get('steps')}")
             return {"steps": r.get("steps"), "loss": r.get("final_loss"), **r.get("metrics", {})}
         return fn
 

@@ -6,7 +6,9 @@ waiting for descheduled peers, and small ops (a decoding step is ~70 of them) ge
 slower. So the default takes the cores this process may run on (`os.sched_getaffinity`, which
 honours `taskset`, cgroups' cpusets and SLURM's binding), shared by the processes of one launch on
 the node (`LOCAL_WORLD_SIZE`, set by torchrun and the deepspeed launcher), less those the 1-minute
-load average says are busy, at least 1, and warns once when the machine is busy. An explicit count (`num_threads=`,
+load average says other jobs keep busy (the load less this process's own CPU use since its previous
+pick: a long run's next stage or a busy server must not count itself), at least 1, and warns once
+when the machine is busy. An explicit count (`num_threads=`,
 `--threads N`) or a set `OMP_NUM_THREADS` is obeyed as given.
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from contextlib import contextmanager
 from typing import Optional
 
@@ -21,6 +24,7 @@ import torch
 
 log = logging.getLogger(__name__)
 _warned_busy = False
+_own = {"at": None, "cpu": 0.0, "load": 0.0}  # this process's CPU clock at its previous pick
 
 
 def available_cores() -> int:
@@ -36,6 +40,18 @@ def load_average() -> float:
         return os.getloadavg()[0]
     except (AttributeError, OSError):
         return 0.0
+
+
+def own_load() -> float:
+    """Cores this process kept busy (all its threads) since its previous pick at least a second ago:
+    its own part of the load average. 0 at the first pick."""
+    wall, cpu = time.monotonic(), time.process_time()
+    at = _own["at"]
+    if at is None or wall - at >= 1.0:
+        if at is not None:
+            _own["load"] = (cpu - _own["cpu"]) / (wall - at)
+        _own.update(at=wall, cpu=cpu)
+    return _own["load"]
 
 
 def check_threads(num_threads, name: str = "num_threads") -> Optional[int]:
@@ -57,7 +73,7 @@ def pick_threads(num_threads: Optional[int] = None, *, warn: bool = True) -> int
     if os.environ.get("OMP_NUM_THREADS"):
         return torch.get_num_threads()  # the user chose, through the environment
     global _warned_busy
-    load = load_average()
+    load = max(0.0, load_average() - own_load())  # other jobs' load
     # Processes of one launch on this node (torchrun / deepspeed set LOCAL_WORLD_SIZE) share the cores.
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
     threads = max(1, min(cores // max(local, 1), cores - int(load)))

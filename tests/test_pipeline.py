@@ -391,6 +391,7 @@ def test_threads_policy(monkeypatch, pipe):
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(th, "available_cores", lambda: 4)
+    monkeypatch.setattr(th, "own_load", lambda: 0.0)  # this test process's own CPU use: below
     for load, want in ((0.2, 4), (1.5, 3), (3.9, 1), (9.0, 1)):
         monkeypatch.setattr(th, "load_average", lambda load=load: load)
         assert th.pick_threads() == want
@@ -416,6 +417,32 @@ def test_threads_policy(monkeypatch, pipe):
     finally:
         pipe.num_threads = None
     assert set(seen) == {1} and torch.get_num_threads() == before
+
+
+def test_threads_policy_does_not_count_its_own_process(monkeypatch):
+    """A process that kept 2 cores busy since its previous pick sees a load average of ~2 from itself:
+    the next pick (the demo's next stage, a server's next batch) keeps 2 threads; other jobs' load still
+    counts."""
+    import types
+
+    import dalle_ar.threads as th
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(th, "available_cores", lambda: 2)
+    monkeypatch.setattr(th, "_own", {"at": None, "cpu": 0.0, "load": 0.0})
+    clock = {"wall": 100.0, "cpu": 5.0}
+    monkeypatch.setattr(th, "time", types.SimpleNamespace(monotonic=lambda: clock["wall"],
+                                                          process_time=lambda: clock["cpu"]))
+    monkeypatch.setattr(th, "load_average", lambda: 0.1)
+    assert th.pick_threads() == 2  # first pick: nothing to subtract
+    clock["wall"] += 600
+    clock["cpu"] += 1140  # 1.9 cores busy for 10 minutes
+    monkeypatch.setattr(th, "load_average", lambda: 2.0)
+    assert th.own_load() == pytest.approx(1.9) and th.pick_threads() == 2
+    clock["wall"] += 60  # idle for a minute while another job keeps a core busy
+    monkeypatch.setattr(th, "load_average", lambda: 1.2)
+    assert th.pick_threads() == 1
 
 
 def test_generate_cli_image_completion_threads_and_errors(pipe_dir, pipe, tmp_path, capsys):
@@ -489,3 +516,23 @@ def test_demo_generation_checks_digits_with_the_scan_reader(pipe_dir, tmp_path):
     info = generate_and_check(pipe_dir, prompts, tmp_path / "gen", data="digits", candidates=2, sheet=2)
     assert info["check"]["prompts"] == 1 and info["check"]["candidates"] == 2
     assert "read as the prompted digit" in quality_line(info["check"])
+
+
+def test_demo_does_not_mark_an_interrupted_stage_done(monkeypatch, tmp_path):
+    """SIGTERM/SIGINT stop a stage's engine after a checkpoint (the run returns interrupted): the demo
+    stops there (KeyboardInterrupt: the CLI's exit 130) and leaves no done.json, so a re-run resumes the
+    stage instead of skipping it with no export."""
+    import dalle_ar.demo as demo
+
+    calls = []
+
+    def stopped(stage, shards, folder, **kw):
+        calls.append(stage)
+        return {"steps": 3, "interrupted": True, "final_loss": 1.0}
+
+    monkeypatch.setattr(demo, "run_stage", stopped)
+    with pytest.raises(KeyboardInterrupt, match="dvae stopped at step 3"):
+        demo.run_demo(tmp_path / "d", budget="fast", image_tokenizer="dvae-fsq")
+    assert calls == ["dvae"]
+    assert (tmp_path / "d" / "data" / "done.json").is_file()
+    assert not (tmp_path / "d" / "runs" / "dvae-fsq" / "done.json").exists()
