@@ -1,6 +1,6 @@
 """`dalle-ar demo`: the whole recipe on a built-in set, on a CPU, with no download.
 
-    data shards -> BPE tokenizer -> image tokenizer (dVAE; image_tokenizer="dvae-fsq" or "vqgan" for the VQ family)
+    data shards -> BPE tokenizer -> image tokenizer (the dVAE with FSQ codes; "dvae": Gumbel, "vqgan")
                 -> code shards -> CLIP -> prior -> pipeline -> reranked images
 
 Every stage goes through the same DeepSpeed engine as `dalle-ar train`. Each finished stage leaves
@@ -34,7 +34,7 @@ BUDGETS = {
                 "dvae": [], "dvae-fsq": [], "vqgan": [], "clip": [], "dalle": [],
                 "generate": {"prompts": 48, "candidates": 16, "sheet": 4}},
     "fast": {"data": {"train_size": 2000, "val_size": 200},
-             "dvae": ["train.steps=60", "model.hard_codes_from_step=45"], "dvae-fsq": ["train.steps=60"],
+             "dvae": ["train.steps=60", "model.hard_codes_from_step=45"], "dvae-fsq": ["train.steps=60", "model.hard_codes_from_step=45"],
              "vqgan": ["train.steps=60"],
              "clip": ["train.steps=40"], "dalle": ["train.steps=60"],
              "generate": {"prompts": 8, "candidates": 4, "sheet": 4}},
@@ -63,7 +63,8 @@ IMAGE_TOKENIZERS = {"dvae": ("dvae", "dvae", "dVAE"), "dvae-fsq": ("dvae", "dvae
                     "vqgan": ("vqgan", "vqgan", "VQGAN")}
 
 
-def run_demo(out, data: str = "shapes", budget: str = "default", seed: int = 0, image_tokenizer: str = "dvae") -> dict:
+def run_demo(out, data: str = "shapes", budget: str = "default", seed: int = 0,
+             image_tokenizer: str = "dvae-fsq") -> dict:
     if image_tokenizer not in IMAGE_TOKENIZERS:
         raise ValueError(f"image_tokenizer must be one of {tuple(IMAGE_TOKENIZERS)}, got {image_tokenizer!r}")
     if data not in ("shapes", "digits"):

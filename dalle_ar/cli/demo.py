@@ -15,8 +15,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--budget", choices=sorted(BUDGET_NAMES), default="default",
                    help="default: ~15 min on 2 CPU cores; fast: ~2 min smoke run")
     p.add_argument("--seed", type=int, default=0, help="seed of the data and of every stage")
-    p.add_argument("--tokenizer", choices=IMAGE_TOKENIZER_NAMES, default="dvae", dest="image_tokenizer",
-                   help="image tokenizer to train (default dvae: docs/benchmarks.md, 'Image tokenizers')")
+    p.add_argument("--tokenizer", choices=IMAGE_TOKENIZER_NAMES, default="dvae-fsq", dest="image_tokenizer",
+                   help="image tokenizer to train: the dVAE with FSQ codes (default), the Gumbel dVAE or a VQGAN "
+                        "(why: docs/benchmarks.md, 'Image tokenizers')")
     p.set_defaults(func=_demo)
 
 
