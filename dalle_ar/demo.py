@@ -27,7 +27,7 @@ from .train.stages import run_stage
 
 log = logging.getLogger(__name__)
 
-# Budgets: overrides on top of train/configs/<stage>-<data>.json. "default" fits ~15 minutes on
+# Budgets: overrides on top of train/configs/<stage>-<data>.json. "default" takes ~22 minutes on
 # 2 CPU cores; "fast" is a ~2 minute smoke run (the images will be poor).
 BUDGETS = {
     "default": {"data": {"train_size": 12000, "val_size": 1000},

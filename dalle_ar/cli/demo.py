@@ -13,7 +13,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--data", choices=["shapes", "digits"], default="shapes",
                    help="built-in set: procedural shapes, or scikit-learn's handwritten digits")
     p.add_argument("--budget", choices=sorted(BUDGET_NAMES), default="default",
-                   help="default: ~15 min on 2 CPU cores; fast: ~2 min smoke run")
+                   help="default: ~22 min on 2 CPU cores; fast: ~2 min smoke run")
     p.add_argument("--seed", type=int, default=0, help="seed of the data and of every stage")
     p.add_argument("--tokenizer", choices=IMAGE_TOKENIZER_NAMES, default="dvae-fsq", dest="image_tokenizer",
                    help="image tokenizer to train: the dVAE with FSQ codes (default), the Gumbel dVAE or a VQGAN "
