@@ -414,10 +414,18 @@ def test_old_format_pickle_given_to_convert(tmp_path, capsys):
 @pytest.mark.slow  # ~30 s: a fresh interpreter importing transformers
 def test_ctrl_c_during_generate_keeps_the_rows_and_exits_130(pipe_dir, env, tmp_path):
     prompts, out = tmp_path / "p.txt", tmp_path / "out"
-    prompts.write_text("".join(f"a red circle number {i}\n" for i in range(200)))
+    # Enough prompts (~0.1 s each) that the run is still going however late this process gets to send the
+    # signal; the child starts with SIGINT as a terminal gives it (default, unblocked), whatever an
+    # earlier test left in this process (dispositions set to ignore and blocked masks survive exec).
+    prompts.write_text("".join(f"a red circle number {i}\n" for i in range(2000)))
+
+    def terminal_sigint():
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
     proc = subprocess.Popen([sys.executable, "-m", "dalle_ar.cli", "generate", "--model", str(pipe_dir), "--prompts",
                              str(prompts), "--out", str(out), "--candidates", "2", "--device", "cpu"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=terminal_sigint)
     deadline = time.time() + 120
     while not (out / "prompts.jsonl").is_file() or len((out / "prompts.jsonl").read_text().splitlines()) < 2:
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
@@ -427,4 +435,4 @@ def test_ctrl_c_during_generate_keeps_the_rows_and_exits_130(pipe_dir, env, tmp_
     assert proc.returncode == 130, err[-3000:]
     assert "Traceback" not in err and "dalle-ar generate: interrupted" in err, err[-3000:]
     done = rows(out)
-    assert 2 <= len(done) < 200 and all((out / r["image"]).is_file() for r in done)
+    assert 2 <= len(done) < 2000 and all((out / r["image"]).is_file() for r in done)
