@@ -47,7 +47,8 @@ def test_stage_help_lists_needs_and_config_keys_with_defaults(stage, needs, caps
     assert "--train-shards" in out and "needs: --train-shards and --out" in out
     for need in needs:
         assert need in out
-    assert f"shipped configs (--config NAME; `dalle-ar configs --show NAME`): {stage}-digits, {stage}-shapes" in out
+    shipped = {"dvae": "dvae-digits, dvae-fsq-digits, dvae-fsq-shapes, dvae-shapes"}.get(stage, f"{stage}-digits, {stage}-shapes")
+    assert f"shipped configs (--config NAME; `dalle-ar configs --show NAME`): {shipped}" in out
     assert "train.warmup = 100" in out and "train.eval_every = 0" in out and "data.num_workers = 0" in out
     assert {"dvae": "model.vocab_size = 512", "dalle": "model.dim = 256", "clip": "data.text_len = 32"}[stage] in out
 

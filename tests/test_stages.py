@@ -69,7 +69,9 @@ def test_dvae_stage_with_the_fsq_quantizer(run, tmp_path, capsys):
                        config_file=config_path("dvae-fsq-shapes.json"),
                        overrides=["model.n_hid=8", "model.n_init=8", "data.num_workers=0", *COMMON])
     assert result["steps"] == 3 and result["metrics"]["val_psnr"] > 0
-    assert "WARNING" not in capsys.readouterr().out  # kl_warmup_steps / temp_anneal_steps (5000, 150000) unused
+    out = capsys.readouterr().out  # its schedules' warnings ran (hard codes) but name no KL / temperature
+    assert "model.hard_codes_from_step=1600 >= train.steps=3" in out
+    assert "kl_warmup_steps" not in out and "temp_anneal_steps" not in out
     model = load_image_tokenizer(tmp_path / "fsq" / "export")
     assert model.config.quantizer == "fsq" and model.vocab_size == 1000 and model.grid_size == 8
     x = torch.rand(2, 3, 64, 64)
