@@ -266,17 +266,21 @@ class Batcher:
                 job.noise = self.pipeline.candidate_noise(job.seed, job.candidates)
         text = torch.cat([job.text.expand(b - a, -1) for job, a, b in rows])
         noise = torch.cat([job.noise[a:b] for job, a, b in rows])
-        images, log_probs = self.pipeline.sample_rows(text, noise, batch_size=len(text), log_probs=True,
-                                                      **rows[0][0].sampling)
+        # Likelihoods only when a job ranks with them: without guidance they cost a teacher-forced pass.
+        scored = any(job.likelihood > 0 for job, _, _ in rows)
+        out = self.pipeline.sample_rows(text, noise, batch_size=len(text), log_probs=scored, **rows[0][0].sampling)
+        images, log_probs = out if scored else (out, None)
         images = to_pil(images)
         finished, i = [], 0
         for job, a, b in rows:
             job.images.extend(images[i:i + b - a])
-            job.log_probs.append(log_probs[i:i + b - a])
+            if log_probs is not None:
+                job.log_probs.append(log_probs[i:i + b - a])
             job.done += b - a
             i += b - a
             if job.done == job.candidates and not job.cancelled:
                 result = self.pipeline.rank(job.prompt, job.images, job.keep, job.seed, job.consensus,
-                                            log_probs=torch.cat(job.log_probs), likelihood=job.likelihood)
+                                            log_probs=torch.cat(job.log_probs) if job.likelihood > 0 else None,
+                                            likelihood=job.likelihood)
                 finished.append((job, Answer(result, [png_bytes(im) for im in result.images])))
         return finished, len(text)
